@@ -1,0 +1,123 @@
+"""The filesystem interface: pyfuse3's ``Operations`` API plus fusefs's zero-copy extensions.
+
+A filesystem for fusefs is a :class:`pyfuse3.Operations` subclass.  The same object runs under
+pyfuse3's own session (``pyfuse3.main()``) and under ours (:mod:`fusefs.session`).  Our session
+speaks every method pyfuse3 defines, with the same arguments and return types, and in addition
+looks for a few optional methods that pyfuse3 has no way to express:
+
+``fallocate(fh, mode, offset, length) -> None``
+``lseek(fh, offset, whence) -> int``
+``copy_file_range(fh_in, off_in, fh_out, off_out, length, flags) -> int``
+    Operations the kernel protocol has and pyfuse3 lacks.  Without them the kernel gets ENOSYS
+    (and falls back where it can).
+
+``read_range(fh, off, size) -> FileRange``
+    The zero-copy read hook: instead of bytes, say *which bytes of which fd* answer the read.  The
+    session then decides how they move (splice into /dev/fuse, or a copying fallback).
+
+``write_payload(fh, off, payload: Payload) -> int``
+    The zero-copy write hook: the session hands over the request's payload still in the kernel
+    (a pipe), and the filesystem moves it into its backing fd with ``payload.to_fd`` -- and so
+    still sees every written range, which replication needs.
+
+``passthrough_fd(fh) -> int | None``
+    Asked right after OPEN/CREATE: the fd the kernel may serve this open file's I/O from directly
+    (FUSE passthrough), or None when the filesystem must see the I/O itself.
+
+The pyfuse3 types live in a C extension whose objects cannot be built with every attribute set
+from Python (RequestContext, SetattrFields, ReaddirToken).  Our session therefore passes small
+duck-typed stand-ins, defined here; filesystems use only their attributes.  ``readdir_reply`` is
+the one pyfuse3 *function* a filesystem calls back into: use the one from this module, which
+serves both sessions.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import pyfuse3
+from pyfuse3 import (
+    ROOT_INODE,
+    EntryAttributes,
+    FileInfo,
+    FUSEError,
+    Operations,
+    StatvfsData,
+)
+
+__all__ = [
+    "ROOT_INODE",
+    "EntryAttributes",
+    "FUSEError",
+    "FileInfo",
+    "FileRange",
+    "Operations",
+    "Payload",
+    "ReaddirToken",
+    "RequestContext",
+    "SetattrFields",
+    "StatvfsData",
+    "readdir_reply",
+]
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Who made the request; mirrors ``pyfuse3.RequestContext``."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0
+
+
+@dataclass(slots=True)
+class SetattrFields:
+    """Which attributes SETATTR changes; mirrors ``pyfuse3.SetattrFields``."""
+
+    update_atime: bool = False
+    update_mtime: bool = False
+    update_ctime: bool = False
+    update_mode: bool = False
+    update_uid: bool = False
+    update_gid: bool = False
+    update_size: bool = False
+
+
+class ReaddirToken(abc.ABC):
+    """Collects directory entries for one READDIR/READDIRPLUS reply (our session's token)."""
+
+    @abc.abstractmethod
+    def add(self, name: bytes, attr: EntryAttributes, next_id: int) -> bool:
+        """Append an entry; False once the reply buffer is full (entry not added)."""
+
+
+def readdir_reply(token: Any, name: bytes, attr: EntryAttributes, next_id: int) -> bool:
+    """Report one directory entry to whichever session asked; same contract as pyfuse3's."""
+    if isinstance(token, ReaddirToken):
+        return token.add(name, attr, next_id)
+    return pyfuse3.readdir_reply(token, name, attr, next_id)
+
+
+class FileRange(NamedTuple):
+    """``size`` bytes at ``offset`` of the open ``fd``: the answer to a READ, not yet moved."""
+
+    fd: int
+    offset: int
+    size: int
+
+
+class Payload(abc.ABC):
+    """A WRITE request's data, still held by the session (in a pipe or a buffer)."""
+
+    size: int
+
+    @abc.abstractmethod
+    async def to_fd(self, fd: int, offset: int) -> int:
+        """Move the data into ``fd`` at ``offset`` (pwrite semantics); return bytes written."""
+
+    @abc.abstractmethod
+    async def to_bytes(self) -> bytes:
+        """The data as bytes, for filesystems that must look at it (a copy: counted as such)."""

@@ -1,0 +1,149 @@
+"""How file data moves between a backing fd and /dev/fuse: splice, copy, or kernel passthrough.
+
+The mirror says *what* answers a READ (a :class:`~fusefs.ops.FileRange`); this module decides
+*how* the bytes travel.  A spliced READ reply is built in a pipe: the 16-byte reply header is
+written, the data is spliced from the backing file behind it, and the whole message is spliced
+into the device in one call (the device wants a complete message per write).  The pipe holds at
+most ``pipe-max-size`` bytes and the header takes a slot of its own, which is why the session
+negotiates at most 255 pages per request.
+
+Passthrough needs nothing per request: at OPEN the backing fd is registered with the device
+(``FUSE_DEV_IOC_BACKING_OPEN``) and the kernel serves reads and writes itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+from fusefs.protocol.abi import (
+    FUSE_DEV_IOC_BACKING_CLOSE,
+    FUSE_DEV_IOC_BACKING_OPEN,
+)
+
+F_SETPIPE_SZ = 1031
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_OUT_HEADER = struct.Struct("<IiQ")
+
+
+def pipe_max_size() -> int:
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+class PipePool:
+    """Pipes sized to hold one whole FUSE message, reused instead of made per request."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[tuple[int, int]] = []
+        self._all: set[tuple[int, int]] = set()
+
+    def get(self) -> tuple[int, int]:
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
+        except OSError:
+            os.close(r)
+            os.close(w)
+            raise
+        pair = (r, w)
+        self._all.add(pair)
+        return pair
+
+    def put(self, pair: tuple[int, int]) -> None:
+        """Return a pipe that is known to be empty."""
+        self._free.append(pair)
+
+    def discard(self, pair: tuple[int, int]) -> None:
+        """Drop a pipe whose contents are unknown (after an error mid-way)."""
+        self._all.discard(pair)
+        for fd in pair:
+            os.close(fd)
+
+    def close(self) -> None:
+        for pair in list(self._all):
+            self.discard(pair)
+        self._free.clear()
+
+
+class SpliceShort(Exception):
+    """The data did not all fit or arrive; ``data`` is what the pipe held, to send by copying."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(len(data))
+        self.data = data
+
+
+def _drain(r: int, limit: int) -> bytes:
+    chunks = []
+    while limit > 0:
+        try:
+            chunk = os.read(r, limit)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks)
+
+
+def splice_read_reply(
+    pool: PipePool, devfd: int, unique: int, fd: int, offset: int, size: int
+) -> int:
+    """Send a READ reply whose data is spliced from ``fd``; return the data length sent.
+
+    The length is fixed before splicing (from fstat), as the header must come first.  If the
+    file changed under us and fewer bytes arrive, the caller gets :class:`SpliceShort` with the
+    bytes that did and answers by copying; an OSError means nothing was sent.
+    """
+    st_size = os.fstat(fd).st_size
+    n = max(0, min(size, st_size - offset))
+    pair = pool.get()
+    r, w = pair
+    try:
+        os.write(w, _OUT_HEADER.pack(16 + n, 0, unique))
+        got = 0
+        while got < n:
+            k = os.splice(fd, w, n - got, offset_src=offset + got)
+            if k == 0:
+                break
+            got += k
+        if got != n:
+            data = _drain(r, 16 + got)[16:]
+            pool.put(pair)
+            raise SpliceShort(data)
+        k = os.splice(r, devfd, 16 + n)
+        if k != 16 + n:  # the device takes whole messages; anything else is a broken pipe state
+            pool.discard(pair)
+            raise OSError(errno.EIO, "short splice into /dev/fuse")
+    except BlockingIOError as e:  # pipe full: the reply does not fit; send what we have by copy
+        data = _drain(r, pool.size)[16:]
+        pool.put(pair)
+        raise SpliceShort(data) from e
+    except SpliceShort:
+        raise
+    except OSError:
+        pool.discard(pair)
+        raise
+    pool.put(pair)
+    return n
+
+
+def backing_open(devfd: int, fd: int) -> int:
+    """Register ``fd`` with the FUSE connection for passthrough; return its backing id."""
+    arg = bytearray(struct.pack("<iIQ", fd, 0, 0))
+    return fcntl.ioctl(devfd, FUSE_DEV_IOC_BACKING_OPEN, arg, True)
+
+
+def backing_close(devfd: int, backing_id: int) -> None:
+    arg = bytearray(struct.pack("<I", backing_id))
+    fcntl.ioctl(devfd, FUSE_DEV_IOC_BACKING_CLOSE, arg, True)

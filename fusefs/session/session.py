@@ -1,0 +1,698 @@
+"""Our FUSE session: a trio loop on /dev/fuse driving a pyfuse3-style ``Operations`` object.
+
+The loop reads one request at a time from the non-blocking device, decodes it with the sans-IO
+codec (:mod:`fusefs.protocol`), and starts one trio task per request, so a slow backing call
+never stalls the others.  Each task calls the filesystem, encodes the reply and writes it to the
+device.  READ replies may instead be spliced from the backing fd (:mod:`.datapath`), and OPEN
+replies may hand the backing fd to the kernel (passthrough), after which the kernel serves that
+file's I/O without us.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from fusefs.ops import (
+    EntryAttributes,
+    FUSEError,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+)
+from fusefs.protocol import abi
+from fusefs.protocol import replies as rp
+from fusefs.protocol import requests as rq
+from fusefs.protocol.init import InitConfig, Negotiated, negotiate
+from fusefs.session.counters import Counters
+from fusefs.session.datapath import (
+    PipePool,
+    SpliceShort,
+    backing_close,
+    backing_open,
+    pipe_max_size,
+    splice_read_reply,
+)
+
+log = logging.getLogger("fusefs.session")
+
+STATS_XATTR = b"user.fusefs.stats"
+DATA_MODES = ("auto", "passthrough", "splice", "copy")
+
+Reply = bytes | list[bytes] | None
+
+
+def attr_of(e: EntryAttributes) -> rp.Attr:
+    return rp.Attr(
+        ino=e.st_ino,
+        size=e.st_size,
+        blocks=e.st_blocks,
+        atime_ns=e.st_atime_ns,
+        mtime_ns=e.st_mtime_ns,
+        ctime_ns=e.st_ctime_ns,
+        mode=e.st_mode,
+        nlink=e.st_nlink,
+        uid=e.st_uid,
+        gid=e.st_gid,
+        rdev=e.st_rdev,
+        blksize=e.st_blksize,
+    )
+
+
+def entry_reply(unique: int, e: EntryAttributes) -> bytes:
+    return rp.reply_entry(
+        unique, e.st_ino, e.generation, e.entry_timeout, e.attr_timeout, attr_of(e)
+    )
+
+
+class _DirToken(ReaddirToken):
+    """Fills one READDIR(PLUS) reply; counts entries so a plain READDIR can undo lookups."""
+
+    __slots__ = ("buf", "plus", "added")
+
+    def __init__(self, size: int, plus: bool) -> None:
+        self.buf = rp.DirentBuffer(size, plus)
+        self.plus = plus
+        self.added: list[int] = []
+
+    def add(self, name: bytes, attr: EntryAttributes, next_id: int) -> bool:
+        dtype = (attr.st_mode >> 12) & 0o17
+        entry = (
+            (attr.st_ino, attr.generation, attr.entry_timeout, attr.attr_timeout, attr_of(attr))
+            if self.plus
+            else None
+        )
+        if not self.buf.add(attr.st_ino, next_id, dtype, name, entry):
+            return False
+        self.added.append(attr.st_ino)
+        return True
+
+
+class Session:
+    """One mounted filesystem: the device fd, the Operations object, and what was negotiated."""
+
+    def __init__(
+        self,
+        ops: Any,
+        devfd: int,
+        mountpoint: str,
+        *,
+        data: str = "auto",
+        writeback_cache: bool = False,
+        max_pages: int = 255,
+        max_background: int = 64,
+        read_ahead_kb: int = 1024,
+        ready: Callable[[], None] | None = None,
+        debug: bool = False,
+    ) -> None:
+        if data not in DATA_MODES:
+            raise ValueError(f"data mode must be one of {', '.join(DATA_MODES)}")
+        self.ops = ops
+        self.devfd = devfd
+        self.mountpoint = mountpoint
+        self.data_wanted = data
+        self.writeback_cache = writeback_cache
+        self.max_pages = max_pages
+        self.max_background = max_background
+        self.read_ahead_kb = read_ahead_kb
+        self.ready = ready
+        self.debug = debug
+        self.counters = Counters()
+        self.negotiated: Negotiated | None = None
+        self.splice_reads = False
+        self.passthrough = False
+        self._pipes = PipePool(pipe_max_size())
+        self._backing_ids: dict[int, int] = {}
+        self._inflight: dict[int, trio.CancelScope] = {}
+        self._bufsize = max(
+            abi.FUSE_MIN_READ_BUFFER, max_pages * 4096 + abi.IN_HEADER_SIZE + 4096
+        )
+        self._handlers: dict[int, Callable[[Any], Awaitable[Reply]]] = {
+            abi.Opcode.LOOKUP: self._lookup,
+            abi.Opcode.GETATTR: self._getattr,
+            abi.Opcode.SETATTR: self._setattr,
+            abi.Opcode.READLINK: self._readlink,
+            abi.Opcode.SYMLINK: self._symlink,
+            abi.Opcode.MKNOD: self._mknod,
+            abi.Opcode.MKDIR: self._mkdir,
+            abi.Opcode.UNLINK: self._unlink,
+            abi.Opcode.RMDIR: self._rmdir,
+            abi.Opcode.RENAME: self._rename,
+            abi.Opcode.RENAME2: self._rename,
+            abi.Opcode.LINK: self._link,
+            abi.Opcode.OPEN: self._open,
+            abi.Opcode.READ: self._read,
+            abi.Opcode.WRITE: self._write,
+            abi.Opcode.STATFS: self._statfs,
+            abi.Opcode.RELEASE: self._release,
+            abi.Opcode.FSYNC: self._fsync,
+            abi.Opcode.SETXATTR: self._setxattr,
+            abi.Opcode.GETXATTR: self._getxattr,
+            abi.Opcode.LISTXATTR: self._listxattr,
+            abi.Opcode.REMOVEXATTR: self._removexattr,
+            abi.Opcode.FLUSH: self._flush,
+            abi.Opcode.OPENDIR: self._opendir,
+            abi.Opcode.READDIR: self._readdir,
+            abi.Opcode.READDIRPLUS: self._readdir,
+            abi.Opcode.RELEASEDIR: self._releasedir,
+            abi.Opcode.FSYNCDIR: self._fsyncdir,
+            abi.Opcode.ACCESS: self._access,
+            abi.Opcode.CREATE: self._create,
+            abi.Opcode.FALLOCATE: self._fallocate,
+            abi.Opcode.LSEEK: self._lseek,
+            abi.Opcode.COPY_FILE_RANGE: self._copy_file_range,
+        }
+
+    # ----------------------------------------------------------------- the loop
+
+    async def serve(self) -> None:
+        """Serve requests until the filesystem is unmounted (the device reports ENODEV)."""
+        os.set_blocking(self.devfd, False)
+        bufsize = self._bufsize
+        fd = self.devfd
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                while True:
+                    try:
+                        buf = os.read(fd, bufsize)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(fd)
+                        continue
+                    except OSError as e:
+                        if e.errno == errno.ENODEV:  # unmounted
+                            break
+                        if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                            continue
+                        raise
+                    try:
+                        req = rq.decode_request(buf)
+                    except rq.ProtocolError as e:
+                        self._reject(buf, e)
+                        continue
+                    op = req.opcode
+                    self.counters.requests[abi.opcode_name(op)] += 1
+                    if op == abi.Opcode.FORGET or op == abi.Opcode.BATCH_FORGET:
+                        nursery.start_soon(self._forget, req)
+                    elif op == abi.Opcode.INTERRUPT:
+                        self._interrupt(req)
+                    elif op == abi.Opcode.INIT:
+                        self._init(req, nursery)
+                    elif op == abi.Opcode.DESTROY:
+                        self._send(rp.reply_empty(req.unique))
+                        break
+                    else:
+                        nursery.start_soon(self._handle, req)
+                    # Let started tasks run before reading more: fairness under a flood.
+                    await trio.lowlevel.checkpoint()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._close()
+            if self.debug:
+                log.info("counters at unmount:\n%s", self.counters.to_json().decode())
+
+    def _close(self) -> None:
+        for bid in list(self._backing_ids.values()):
+            try:
+                backing_close(self.devfd, bid)
+            except OSError:
+                pass
+        self._backing_ids.clear()
+        self._pipes.close()
+
+    def _reject(self, buf: bytes, exc: Exception) -> None:
+        """A request we cannot parse still gets an answer, or the caller would hang."""
+        self.counters.errors += 1
+        log.warning("malformed request: %s", exc)
+        try:
+            hdr = rq.decode_header(buf)
+        except rq.ProtocolError:
+            return
+        if hdr.opcode not in (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET):
+            self._send(rp.reply_error(hdr.unique, errno.EINVAL))
+
+    def _send(self, reply: bytes | list[bytes]) -> None:
+        try:
+            if isinstance(reply, list):
+                os.writev(self.devfd, reply)
+            else:
+                os.write(self.devfd, reply)
+        except OSError as e:
+            # ENOENT: the request was interrupted and is gone; ENODEV: unmounted meanwhile.
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+
+    async def _handle(self, req: Any) -> None:
+        unique = req.unique
+        handler = self._handlers.get(req.opcode)
+        reply: Reply
+        with trio.CancelScope() as scope:
+            self._inflight[unique] = scope
+            try:
+                if handler is None:
+                    reply = rp.reply_error(unique, errno.ENOSYS)
+                else:
+                    reply = await handler(req)
+            except FUSEError as e:
+                reply = rp.reply_error(unique, e.errno)
+            except OSError as e:
+                reply = rp.reply_error(unique, e.errno or errno.EIO)
+            except Exception:
+                self.counters.errors += 1
+                log.exception("error handling %s", abi.opcode_name(req.opcode))
+                reply = rp.reply_error(unique, errno.EIO)
+            finally:
+                del self._inflight[unique]
+        if scope.cancelled_caught:
+            reply = rp.reply_error(unique, errno.EINTR)
+        if reply is not None:
+            self._send(reply)
+
+    def _interrupt(self, req: Any) -> None:
+        scope = self._inflight.get(req.target_unique)
+        if scope is None:
+            # Not (yet) seen or already answered; EAGAIN makes the kernel retry if still pending.
+            self._send(rp.reply_error(req.unique, errno.EAGAIN))
+            return
+        self.counters.interrupts += 1
+        scope.cancel()
+
+    # ----------------------------------------------------------------- INIT
+
+    def _init(self, req: Any, nursery: trio.Nursery) -> None:
+        want_pt = self.data_wanted in ("auto", "passthrough") and not self.writeback_cache
+        cfg = InitConfig(
+            want_writeback_cache=self.writeback_cache,
+            want_passthrough=want_pt and os.geteuid() == 0,
+            max_pages=self.max_pages,
+            max_background=self.max_background,
+        )
+        try:
+            reply, neg = negotiate(req, cfg)
+        except rq.ProtocolError as e:
+            log.error("INIT failed: %s", e)
+            self._send(rp.reply_error(req.unique, errno.EPROTO))
+            return
+        self.negotiated = neg
+        self._choose_data_mode(neg)
+        init = getattr(self.ops, "init", None)
+        if init is not None:
+            init()
+        self._send(reply)
+        nursery.start_soon(self._after_init)
+
+    def _choose_data_mode(self, neg: Negotiated) -> None:
+        wanted = self.data_wanted
+        has_range = hasattr(self.ops, "read_range")
+        if wanted in ("auto", "passthrough") and neg.passthrough and hasattr(
+            self.ops, "passthrough_fd"
+        ):
+            mode, why = "passthrough", "kernel offers FUSE_PASSTHROUGH and we hold CAP_SYS_ADMIN"
+        elif wanted in ("auto", "passthrough", "splice") and has_range:
+            mode = "splice"
+            if wanted == "splice":
+                why = "asked for"
+            elif self.writeback_cache:
+                why = "passthrough does not combine with writeback_cache"
+            elif os.geteuid() != 0:
+                why = "passthrough needs CAP_SYS_ADMIN (not root)"
+            else:
+                why = "kernel did not grant FUSE_PASSTHROUGH"
+        else:
+            mode = "copy"
+            why = "asked for" if wanted == "copy" else "filesystem offers no read_range()"
+        self.passthrough = mode == "passthrough"
+        self.splice_reads = mode in ("passthrough", "splice")
+        self.counters.data_mode = mode
+        self.counters.data_mode_reason = why
+        level = logging.WARNING if wanted not in ("auto", mode) else logging.INFO
+        log.log(level, "data path: %s (%s); asked for %s", mode, why, wanted)
+
+    async def _after_init(self) -> None:
+        """Once the kernel can reach us: raise readahead (root only), then say we are ready."""
+        if self.read_ahead_kb and os.geteuid() == 0:
+            await trio.to_thread.run_sync(self._set_read_ahead)
+        if self.ready is not None:
+            self.ready()
+
+    def _set_read_ahead(self) -> None:
+        try:
+            dev = os.stat(self.mountpoint).st_dev
+            path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+            with open(path, "w") as f:
+                f.write(str(self.read_ahead_kb))
+        except OSError as e:
+            log.info("could not set read_ahead_kb: %s", e)
+
+    # ----------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _ctx(req: Any, umask: int = 0) -> RequestContext:
+        return RequestContext(req.uid, req.gid, req.pid, umask)
+
+    # ----------------------------------------------------------------- handlers
+
+    async def _forget(self, req: Any) -> None:
+        if req.opcode == abi.Opcode.FORGET:
+            items: Any = [(req.nodeid, req.nlookup)]
+        else:
+            items = list(req.items)
+        try:
+            await self.ops.forget(items)
+        except Exception:
+            log.exception("forget failed")
+
+    async def _lookup(self, req: Any) -> Reply:
+        e = await self.ops.lookup(req.nodeid, req.name, self._ctx(req))
+        return entry_reply(req.unique, e)
+
+    async def _getattr(self, req: Any) -> Reply:
+        e = await self.ops.getattr(req.nodeid, self._ctx(req))
+        return rp.reply_attr(req.unique, e.attr_timeout, attr_of(e))
+
+    async def _setattr(self, req: Any) -> Reply:
+        v = req.valid
+        attr = EntryAttributes()
+        fields = SetattrFields()
+        if v & abi.FATTR_MODE:
+            fields.update_mode = True
+            attr.st_mode = req.mode
+        if v & abi.FATTR_UID:
+            fields.update_uid = True
+            attr.st_uid = req.uid_new
+        if v & abi.FATTR_GID:
+            fields.update_gid = True
+            attr.st_gid = req.gid_new
+        if v & abi.FATTR_SIZE:
+            fields.update_size = True
+            attr.st_size = req.size
+        now = 0
+        if v & (abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW):
+            now = time.time_ns()
+        if v & abi.FATTR_ATIME:
+            fields.update_atime = True
+            attr.st_atime_ns = now if v & abi.FATTR_ATIME_NOW else req.atime_ns
+        if v & abi.FATTR_MTIME:
+            fields.update_mtime = True
+            attr.st_mtime_ns = now if v & abi.FATTR_MTIME_NOW else req.mtime_ns
+        if v & abi.FATTR_CTIME:
+            fields.update_ctime = True
+            attr.st_ctime_ns = req.ctime_ns
+        fh = req.fh if v & abi.FATTR_FH else None
+        e = await self.ops.setattr(req.nodeid, attr, fields, fh, self._ctx(req))
+        return rp.reply_attr(req.unique, e.attr_timeout, attr_of(e))
+
+    async def _readlink(self, req: Any) -> Reply:
+        target = await self.ops.readlink(req.nodeid, self._ctx(req))
+        return rp.reply_data(req.unique, target)
+
+    async def _symlink(self, req: Any) -> Reply:
+        e = await self.ops.symlink(req.nodeid, req.name, req.target, self._ctx(req))
+        return entry_reply(req.unique, e)
+
+    async def _mknod(self, req: Any) -> Reply:
+        ctx = self._ctx(req, req.umask)
+        e = await self.ops.mknod(req.nodeid, req.name, req.mode, req.rdev, ctx)
+        return entry_reply(req.unique, e)
+
+    async def _mkdir(self, req: Any) -> Reply:
+        # The kernel sends the mode without the file type bits; pyfuse3 adds S_IFDIR.
+        ctx = self._ctx(req, req.umask)
+        e = await self.ops.mkdir(req.nodeid, req.name, req.mode | 0o040000, ctx)
+        return entry_reply(req.unique, e)
+
+    async def _unlink(self, req: Any) -> Reply:
+        await self.ops.unlink(req.nodeid, req.name, self._ctx(req))
+        return rp.reply_empty(req.unique)
+
+    async def _rmdir(self, req: Any) -> Reply:
+        await self.ops.rmdir(req.nodeid, req.name, self._ctx(req))
+        return rp.reply_empty(req.unique)
+
+    async def _rename(self, req: Any) -> Reply:
+        await self.ops.rename(
+            req.nodeid, req.name, req.newdir, req.newname, req.flags, self._ctx(req)
+        )
+        return rp.reply_empty(req.unique)
+
+    async def _link(self, req: Any) -> Reply:
+        e = await self.ops.link(req.oldnodeid, req.nodeid, req.newname, self._ctx(req))
+        return entry_reply(req.unique, e)
+
+    def _open_flags(self, fi: Any) -> int:
+        flags = 0
+        if fi.direct_io:
+            flags |= abi.FOPEN_DIRECT_IO
+        if fi.keep_cache:
+            flags |= abi.FOPEN_KEEP_CACHE
+        if fi.nonseekable:
+            flags |= abi.FOPEN_NONSEEKABLE
+        return flags
+
+    def _passthrough(self, fh: int, open_flags: int) -> tuple[int, int]:
+        """Hand the backing fd to the kernel if we may; returns (open_flags, backing_id)."""
+        if not self.passthrough:
+            return open_flags, 0
+        fd = self.ops.passthrough_fd(fh)
+        if fd is None:
+            return open_flags, 0
+        try:
+            bid = backing_open(self.devfd, fd)
+        except OSError as e:
+            self.counters.passthrough_open_failures += 1
+            log.info("passthrough refused (%s); this file uses splice", e)
+            return open_flags, 0
+        self._backing_ids[fh] = bid
+        self.counters.passthrough_opens += 1
+        return (open_flags & ~abi.FOPEN_DIRECT_IO) | abi.FOPEN_PASSTHROUGH, bid
+
+    async def _open(self, req: Any) -> Reply:
+        fi = await self.ops.open(req.nodeid, req.flags, self._ctx(req))
+        flags, bid = self._passthrough(fi.fh, self._open_flags(fi))
+        return rp.reply_open(req.unique, fi.fh, flags, bid)
+
+    async def _create(self, req: Any) -> Reply:
+        ctx = self._ctx(req, req.umask)
+        fi, e = await self.ops.create(req.nodeid, req.name, req.mode, req.flags, ctx)
+        flags, bid = self._passthrough(fi.fh, self._open_flags(fi))
+        return rp.reply_create(
+            req.unique,
+            e.st_ino,
+            e.generation,
+            e.entry_timeout,
+            e.attr_timeout,
+            attr_of(e),
+            fi.fh,
+            flags,
+            bid,
+        )
+
+    async def _read(self, req: Any) -> Reply:
+        c = self.counters
+        if self.splice_reads:
+            rng = await self.ops.read_range(req.fh, req.offset, req.size)
+            try:
+                n = splice_read_reply(
+                    self._pipes, self.devfd, req.unique, rng.fd, rng.offset, rng.size
+                )
+            except SpliceShort as short:
+                c.splice_fallbacks += 1
+                data = short.data
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENODEV):
+                    return None  # interrupted: the kernel no longer wants an answer
+                c.splice_fallbacks += 1
+                log.debug("splice read failed (%s); copying", e)
+                data = await self.ops.read(req.fh, req.offset, req.size)
+            else:
+                c.read_requests_spliced += 1
+                c.read_bytes_spliced += n
+                return None
+        else:
+            data = await self.ops.read(req.fh, req.offset, req.size)
+        c.read_requests_copied += 1
+        c.read_bytes_copied += len(data)
+        return rp.reply_data(req.unique, data)
+
+    async def _write(self, req: Any) -> Reply:
+        n = await self.ops.write(req.fh, req.offset, bytes(req.data))
+        self.counters.write_requests_copied += 1
+        self.counters.write_bytes_copied += n
+        return rp.reply_write(req.unique, n)
+
+    async def _statfs(self, req: Any) -> Reply:
+        s = await self.ops.statfs(self._ctx(req))
+        return rp.reply_statfs(
+            req.unique,
+            s.f_blocks,
+            s.f_bfree,
+            s.f_bavail,
+            s.f_files,
+            s.f_ffree,
+            s.f_bsize,
+            s.f_namemax,
+            s.f_frsize,
+        )
+
+    async def _release(self, req: Any) -> Reply:
+        bid = self._backing_ids.pop(req.fh, None)
+        if bid is not None:
+            try:
+                backing_close(self.devfd, bid)
+            except OSError as e:
+                log.warning("could not close backing id %d: %s", bid, e)
+        await self.ops.release(req.fh)
+        return rp.reply_empty(req.unique)
+
+    async def _fsync(self, req: Any) -> Reply:
+        await self.ops.fsync(req.fh, bool(req.fsync_flags & abi.FUSE_FSYNC_FDATASYNC))
+        return rp.reply_empty(req.unique)
+
+    async def _fsyncdir(self, req: Any) -> Reply:
+        await self.ops.fsyncdir(req.fh, bool(req.fsync_flags & abi.FUSE_FSYNC_FDATASYNC))
+        return rp.reply_empty(req.unique)
+
+    async def _setxattr(self, req: Any) -> Reply:
+        if req.nodeid == 1 and req.name == STATS_XATTR:
+            raise FUSEError(errno.EPERM)
+        await self.ops.setxattr(req.nodeid, req.name, bytes(req.value), self._ctx(req))
+        return rp.reply_empty(req.unique)
+
+    async def _getxattr(self, req: Any) -> Reply:
+        if req.nodeid == 1 and req.name == STATS_XATTR:
+            value = self.counters.to_json()
+        else:
+            value = await self.ops.getxattr(req.nodeid, req.name, self._ctx(req))
+        return self._sized(req, value)
+
+    async def _listxattr(self, req: Any) -> Reply:
+        names = await self.ops.listxattr(req.nodeid, self._ctx(req))
+        return self._sized(req, b"".join(n + b"\0" for n in names))
+
+    @staticmethod
+    def _sized(req: Any, value: bytes) -> Reply:
+        if req.size == 0:
+            return rp.reply_xattr_size(req.unique, len(value))
+        if len(value) > req.size:
+            raise FUSEError(errno.ERANGE)
+        return rp.reply_data(req.unique, value)
+
+    async def _removexattr(self, req: Any) -> Reply:
+        await self.ops.removexattr(req.nodeid, req.name, self._ctx(req))
+        return rp.reply_empty(req.unique)
+
+    async def _flush(self, req: Any) -> Reply:
+        await self.ops.flush(req.fh)
+        return rp.reply_empty(req.unique)
+
+    async def _opendir(self, req: Any) -> Reply:
+        fh = await self.ops.opendir(req.nodeid, self._ctx(req))
+        return rp.reply_open(req.unique, fh, 0, 0)
+
+    async def _readdir(self, req: Any) -> Reply:
+        plus = req.opcode == abi.Opcode.READDIRPLUS
+        token = _DirToken(req.size, plus)
+        await self.ops.readdir(req.fh, req.offset, token)
+        if not plus and token.added:
+            # pyfuse3 filesystems count a lookup per entry they return; a plain READDIR
+            # creates no kernel references, so give those lookups back.
+            await self.ops.forget([(ino, 1) for ino in token.added])
+        return rp.reply_data(req.unique, token.buf.to_bytes())
+
+    async def _releasedir(self, req: Any) -> Reply:
+        await self.ops.releasedir(req.fh)
+        return rp.reply_empty(req.unique)
+
+    async def _access(self, req: Any) -> Reply:
+        ok = await self.ops.access(req.nodeid, req.mask, self._ctx(req))
+        if not ok:
+            raise FUSEError(errno.EACCES)
+        return rp.reply_empty(req.unique)
+
+    async def _fallocate(self, req: Any) -> Reply:
+        fn = getattr(self.ops, "fallocate", None)
+        if fn is None:
+            raise FUSEError(errno.EOPNOTSUPP)
+        await fn(req.fh, req.mode, req.offset, req.length)
+        return rp.reply_empty(req.unique)
+
+    async def _lseek(self, req: Any) -> Reply:
+        fn = getattr(self.ops, "lseek", None)
+        if fn is None:
+            raise FUSEError(errno.ENOSYS)
+        off = await fn(req.fh, req.offset, req.whence)
+        return rp.reply_lseek(req.unique, off)
+
+    async def _copy_file_range(self, req: Any) -> Reply:
+        fn = getattr(self.ops, "copy_file_range", None)
+        if fn is None:
+            raise FUSEError(errno.ENOSYS)
+        n = await fn(req.fh_in, req.off_in, req.fh_out, req.off_out, req.length, req.flags)
+        return rp.reply_write(req.unique, n)
+
+
+# --------------------------------------------------------------------- entry point
+
+
+def run_session(
+    ops: Any,
+    mountpoint: str,
+    opts: Any,
+    ready: Callable[[], None] | None = None,
+    debug: bool = False,
+) -> None:
+    """Mount ``mountpoint``, serve ``ops`` until unmounted or signalled, then clean up."""
+    from fusefs.session import mount as mnt
+
+    device = mnt.open_mount(mountpoint, opts)
+    session = Session(
+        ops,
+        device.fd,
+        mountpoint,
+        data=getattr(opts, "data", "auto"),
+        writeback_cache=getattr(opts, "writeback_cache", False),
+        max_pages=getattr(opts, "max_pages", 255),
+        max_background=getattr(opts, "max_background", 64) or 64,
+        read_ahead_kb=getattr(opts, "read_ahead_kb", 1024),
+        ready=ready,
+        debug=debug,
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                    async for signum in sigs:
+                        log.info("signal %d: unmounting %s", signum, mountpoint)
+                        await trio.to_thread.run_sync(_unmount_on_signal, mnt, mountpoint)
+
+            nursery.start_soon(on_signals)
+            await session.serve()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        try:
+            os.close(device.fd)
+        except OSError:
+            pass
+
+
+def _unmount_on_signal(mnt: Any, mountpoint: str) -> None:
+    try:
+        mnt.unmount(mountpoint)
+    except Exception as e:
+        log.warning("unmount failed (%s); detaching lazily", e)
+        try:
+            mnt.unmount(mountpoint, lazy=True)
+        except Exception as e2:
+            log.error("lazy unmount failed: %s", e2)

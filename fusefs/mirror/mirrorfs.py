@@ -1,0 +1,982 @@
+"""MirrorFS: every FUSE operation applied to a backing directory, POSIX semantics preserved.
+
+Shaped after libfuse's ``passthrough_hp.cc``: each inode the kernel knows is an entry in a table
+keyed by the backing ``(st_dev, st_ino)`` and holds an ``O_PATH`` fd, so no operation ever builds a
+long path (names of 255 bytes and trees deeper than PATH_MAX work) and renames behind our back
+cannot make us act on the wrong file.  Operations on an inode use the ``*at()`` calls on its fd,
+or ``/proc/self/fd/N`` where Linux has no fd-based call for O_PATH fds (chmod, truncate, xattrs,
+re-opening the file for I/O, linking).
+
+Node ids.  pyfuse3 uses ``EntryAttributes.st_ino`` as the FUSE node id, so the st_ino a program
+sees *is* the node id.  We make it the backing st_ino whenever that is unambiguous (same device
+as the backing root, not 1 = ROOT_INODE, not already taken) so ``ls -i`` and hard-link checks
+see the backing numbers; inodes of other devices (submounts, btrfs subvolumes) and collisions
+get ids from a counter starting at 2**63, far above real inode numbers.  The backing directory
+itself is ROOT_INODE.
+
+Lookup counts are exact: every reply that hands the kernel an entry (lookup, create, mkdir, mknod,
+symlink, link, each readdirplus entry other than . and ..) adds one; ``forget`` subtracts, and
+an inode is dropped (its fd closed) when its count reaches 0.
+
+Modes of new objects.  The kernel applies the caller's umask before the request unless the
+session negotiated FUSE_DONT_MASK (pyfuse3 does not); we apply ``ctx.umask`` too, which is a no-op
+on an already masked mode and correct on an unmasked one.  The daemon's own umask is undone with
+a chmod when it removed bits.  As root, new objects are chowned to the caller (the group stays
+the backing directory's when it is set-group-ID, as the kernel would do).
+
+Every OSError becomes ``FUSEError(errno)``; nothing else escapes a handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import stat
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+import trio
+
+from fusefs import errors
+from fusefs.mirror import _libc
+from fusefs.mirror.changes import (
+    Change,
+    ChangeSink,
+    Create,
+    Fallocate,
+    Link,
+    Mkdir,
+    Mknod,
+    NullSink,
+    RemoveXattr,
+    Rename,
+    Rmdir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Write,
+)
+from fusefs.ops import (
+    ROOT_INODE,
+    EntryAttributes,
+    FileInfo,
+    FileRange,
+    FUSEError,
+    Operations,
+    Payload,
+    StatvfsData,
+    readdir_reply,
+)
+
+__all__ = ["MirrorFS"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+#: Node ids handed out by the counter start here, far above any real inode number.
+_COUNTER_BASE = 1 << 63
+#: Reads and writes up to this size run inline; bigger ones in a worker thread.
+_INLINE_IO = 64 * 1024
+_RENAME_FLAGS = 1 | 2 | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
+#: Flags never passed to the backing open(): O_NOFOLLOW would refuse the /proc/self/fd magic
+#: link (the kernel already resolved the path); O_DIRECT would demand aligned buffers; O_CREAT
+#: and O_EXCL are the kernel's business on open().
+_STRIP_OPEN = os.O_NOFOLLOW | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+
+
+class _Ctx(Protocol):
+    """The request context attributes we use (pyfuse3's RequestContext or fusefs.ops's)."""
+
+    @property
+    def uid(self) -> int: ...
+    @property
+    def gid(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def umask(self) -> int: ...
+
+
+class _Fields(Protocol):
+    """The SetattrFields attributes we use (pyfuse3's or fusefs.ops's)."""
+
+    @property
+    def update_atime(self) -> bool: ...
+    @property
+    def update_mtime(self) -> bool: ...
+    @property
+    def update_mode(self) -> bool: ...
+    @property
+    def update_uid(self) -> bool: ...
+    @property
+    def update_gid(self) -> bool: ...
+    @property
+    def update_size(self) -> bool: ...
+
+
+class _Inode:
+    """One backing inode the kernel holds a lookup reference to."""
+
+    __slots__ = ("fd", "is_dir", "is_symlink", "key", "names", "nlookup", "nodeid")
+
+    def __init__(self, fd: int, key: tuple[int, int], nodeid: int, mode: int) -> None:
+        self.fd = fd
+        self.key = key
+        self.nodeid = nodeid
+        self.nlookup = 0
+        self.is_dir = stat.S_ISDIR(mode)
+        self.is_symlink = stat.S_ISLNK(mode)
+        #: Known (parent, name) links, most recent first; kept only when a sink is configured.
+        self.names: list[tuple[_Inode, bytes]] = []
+
+    @property
+    def proc(self) -> str:
+        """The /proc path that reaches this inode through its O_PATH fd."""
+        return f"/proc/self/fd/{self.fd}"
+
+
+class _Handle:
+    """An open file: the backing fd (also the fh we hand out) and its inode."""
+
+    __slots__ = ("fd", "inode", "writable")
+
+    def __init__(self, fd: int, inode: _Inode, writable: bool) -> None:
+        self.fd = fd
+        self.inode = inode
+        self.writable = writable
+
+
+class _DirHandle:
+    """An open directory: a readable fd and the listing snapshot readdir offsets index into."""
+
+    __slots__ = ("fd", "inode", "names")
+
+    def __init__(self, fd: int, inode: _Inode) -> None:
+        self.fd = fd
+        self.inode = inode
+        self.names: list[bytes] | None = None
+
+
+def _fuse_errors(
+    fn: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """Turn any OSError a handler raises into the FUSEError the kernel should see."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await fn(*args, **kwargs)
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+
+    return wrapper
+
+
+class MirrorFS(Operations):
+    """A pyfuse3 filesystem that mirrors ``backing``, reporting changes to ``changes``."""
+
+    def __init__(
+        self,
+        backing: str | os.PathLike[str],
+        *,
+        changes: ChangeSink | None = None,
+        attr_timeout: float = 1.0,
+        entry_timeout: float = 1.0,
+        writeback: bool = False,
+    ) -> None:
+        super().__init__()
+        path = Path(backing)
+        try:
+            root_fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise errors.BackingMissingError(
+                f"backing directory {str(path)!r} does not exist"
+            ) from None
+        except NotADirectoryError:
+            raise errors.BackingNotDirectoryError(
+                f"backing path {str(path)!r} is not a directory"
+            ) from None
+        except OSError as exc:
+            raise errors.BackingUnreadableError(
+                f"cannot open backing directory {str(path)!r}: {exc.strerror}"
+            ) from None
+        try:
+            # Listing it proves we can read it (O_PATH opens need no permission at all).
+            probe = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+            os.close(probe)
+            if not os.access(f"/proc/self/fd/{root_fd}", os.R_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            st = os.stat(root_fd)
+        except OSError as exc:
+            os.close(root_fd)
+            raise errors.BackingUnreadableError(
+                f"cannot read backing directory {str(path)!r}: {exc.strerror}"
+            ) from None
+
+        self.backing = path
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+        #: pyfuse3 asks the kernel for the writeback cache when this is set.
+        self.enable_writeback_cache = writeback
+        self._writeback = writeback
+        self._sink: ChangeSink = changes if changes is not None else NullSink()
+        #: Track names and report changes only for a real sink (keeps the null case cheap).
+        self._track = changes is not None and not isinstance(changes, NullSink)
+        self._is_root = os.geteuid() == 0
+        self._dev = st.st_dev
+        self._next_id = _COUNTER_BASE
+
+        root = _Inode(root_fd, (st.st_dev, st.st_ino), ROOT_INODE, st.st_mode)
+        root.nlookup = 1 << 62  # never forgotten
+        self._root = root
+        self._inodes: dict[int, _Inode] = {ROOT_INODE: root}
+        self._by_key: dict[tuple[int, int], _Inode] = {root.key: root}
+        #: (parent node id, name) -> inode; maintained only when tracking.
+        self._children: dict[tuple[int, bytes], _Inode] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_dir_fh = 1
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every backing fd (call after the session ended; the object is then dead)."""
+        for h in self._handles.values():
+            _close_quietly(h.fd)
+        for d in self._dirs.values():
+            _close_quietly(d.fd)
+        for ino in self._inodes.values():
+            _close_quietly(ino.fd)
+        self._handles.clear()
+        self._dirs.clear()
+        self._inodes.clear()
+        self._by_key.clear()
+        self._children.clear()
+
+    # -- inode table ------------------------------------------------------------------------
+
+    def _inode(self, nodeid: int) -> _Inode:
+        try:
+            return self._inodes[nodeid]
+        except KeyError:
+            raise FUSEError(errno.ESTALE) from None
+
+    def _alloc_id(self, key: tuple[int, int]) -> int:
+        dev, ino = key
+        if dev == self._dev and ino != ROOT_INODE and ino not in self._inodes:
+            return ino
+        while self._next_id in self._inodes:
+            self._next_id += 1
+        nodeid = self._next_id
+        self._next_id += 1
+        return nodeid
+
+    def _entry(self, nodeid: int, st: os.stat_result) -> EntryAttributes:
+        e = EntryAttributes()
+        e.st_ino = nodeid
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = st.st_mode
+        e.st_nlink = st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _lookup(self, parent: _Inode, name: bytes) -> tuple[_Inode, os.stat_result]:
+        """Resolve ``name`` in ``parent`` and count one lookup reference to the result."""
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        inode = self._by_key.get((st.st_dev, st.st_ino))
+        if inode is None:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            try:
+                st = os.stat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            inode = self._adopt(fd, st)
+        inode.nlookup += 1
+        if self._track:
+            self._add_name(inode, parent, name)
+        return inode, st
+
+    def _adopt(self, fd: int, st: os.stat_result) -> _Inode:
+        """Enter the O_PATH ``fd`` in the table (or close it if its inode is already there)."""
+        key = (st.st_dev, st.st_ino)
+        inode = self._by_key.get(key)
+        if inode is not None:
+            os.close(fd)
+            return inode
+        inode = _Inode(fd, key, self._alloc_id(key), st.st_mode)
+        self._inodes[inode.nodeid] = inode
+        self._by_key[key] = inode
+        return inode
+
+    def _forget_one(self, nodeid: int, n: int) -> None:
+        inode = self._inodes.get(nodeid)
+        if inode is None:
+            return
+        inode.nlookup -= n
+        if inode.nlookup > 0 or inode is self._root:
+            return
+        del self._inodes[nodeid]
+        if self._by_key.get(inode.key) is inode:
+            del self._by_key[inode.key]
+        for parent, name in inode.names:
+            if self._children.get((parent.nodeid, name)) is inode:
+                del self._children[(parent.nodeid, name)]
+        inode.names.clear()
+        _close_quietly(inode.fd)
+
+    # -- names and paths (only when a sink is configured) -----------------------------------
+
+    def _add_name(self, inode: _Inode, parent: _Inode, name: bytes) -> None:
+        key = (parent.nodeid, name)
+        old = self._children.get(key)
+        if old is not None and old is not inode:
+            old.names = [(p, n) for p, n in old.names if not (p is parent and n == name)]
+        self._children[key] = inode
+        names = [(p, n) for p, n in inode.names if not (p is parent and n == name)]
+        names.insert(0, (parent, name))
+        inode.names = names
+
+    def _drop_name(self, parent: _Inode, name: bytes) -> _Inode | None:
+        inode = self._children.pop((parent.nodeid, name), None)
+        if inode is not None:
+            inode.names = [(p, n) for p, n in inode.names if not (p is parent and n == name)]
+        return inode
+
+    def _path(self, inode: _Inode) -> bytes | None:
+        """The backing-relative path of ``inode`` by its most recent known name, or None."""
+        parts: list[bytes] = []
+        seen = 0
+        while inode is not self._root:
+            if not inode.names or seen > 4096:
+                return None
+            inode, name = inode.names[0]
+            parts.append(name)
+            seen += 1
+        if not parts:
+            return b"."
+        parts.reverse()
+        return b"/".join(parts)
+
+    def _child_path(self, parent: _Inode, name: bytes) -> bytes | None:
+        base = self._path(parent)
+        if base is None:
+            return None
+        return name if base == b"." else base + b"/" + name
+
+    async def _emit(self, change: Change | None) -> None:
+        if change is not None:
+            await self._sink.record(change)
+
+    # -- creating objects -------------------------------------------------------------------
+
+    def _settle_new(
+        self, parent: _Inode, fd: int, mode: int | None, ctx: _Ctx
+    ) -> tuple[_Inode, os.stat_result]:
+        """Give a just-created object (O_PATH ``fd``) its owner and mode; count one lookup.
+
+        ``mode`` is the permission bits asked for (None for symlinks, which have none).
+        """
+        try:
+            st = os.stat(fd)
+            changed = False
+            if self._is_root and (st.st_uid != ctx.uid or st.st_gid != ctx.gid):
+                gid = ctx.gid
+                if st.st_gid != ctx.gid and os.stat(parent.fd).st_mode & stat.S_ISGID:
+                    gid = -1  # set-group-ID directory: the group is inherited, as natively
+                if st.st_uid != ctx.uid or gid != -1:
+                    _libc.fchown_empty(fd, ctx.uid, gid)
+                    changed = True
+                    if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
+                        st = os.stat(fd)  # chown cleared them; see below
+            if mode is not None:
+                want = mode & 0o7777
+                if stat.S_ISDIR(st.st_mode):
+                    want |= st.st_mode & stat.S_ISGID  # inherited from the parent
+                if stat.S_IMODE(st.st_mode) != want:
+                    os.chmod(f"/proc/self/fd/{fd}", want)
+                    changed = True
+            if changed:
+                st = os.stat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        inode = self._adopt(fd, st)
+        inode.nlookup += 1
+        return inode, st
+
+    def _open_path(self, parent: _Inode, name: bytes) -> int:
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+
+    async def _created(
+        self,
+        parent: _Inode,
+        name: bytes,
+        inode: _Inode,
+        st: os.stat_result,
+        kind: str,
+        target: bytes = b"",
+    ) -> None:
+        """Record the name of a new object and report it."""
+        if not self._track:
+            return
+        self._add_name(inode, parent, name)
+        path = self._child_path(parent, name)
+        if path is None:
+            return
+        perm = stat.S_IMODE(st.st_mode)
+        change: Change
+        if kind == "create":
+            change = Create(path, perm, st.st_uid, st.st_gid)
+        elif kind == "mkdir":
+            change = Mkdir(path, perm, st.st_uid, st.st_gid)
+        elif kind == "mknod":
+            change = Mknod(path, st.st_mode, st.st_rdev, st.st_uid, st.st_gid)
+        else:
+            change = Symlink(path, target, st.st_uid, st.st_gid)
+        await self._sink.record(change)
+
+    # -- lookup and attributes --------------------------------------------------------------
+
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: _Ctx) -> EntryAttributes:
+        """Find ``name``; a missing name is a negative entry cached for entry_timeout."""
+        parent = self._inode(parent_inode)
+        if name == b"." or (name == b".." and parent is self._root):
+            parent.nlookup += 1
+            return self._entry(parent.nodeid, os.stat(parent.fd))
+        if name == b"..":  # asked for by NFS export; the parent is not a new name
+            fd = self._open_path(parent, name)
+            inode = self._adopt(fd, os.stat(fd))
+            inode.nlookup += 1
+            return self._entry(inode.nodeid, os.stat(inode.fd))
+        try:
+            inode, st = self._lookup(parent, name)
+        except FileNotFoundError:
+            neg = EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = self.entry_timeout
+            return neg
+        return self._entry(inode.nodeid, st)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """Drop lookup references; inodes at zero close their fd."""
+        for nodeid, n in inode_list:
+            self._forget_one(nodeid, n)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: _Ctx) -> EntryAttributes:
+        """fstat of the inode's O_PATH fd."""
+        ino = self._inode(inode)
+        return self._entry(ino.nodeid, os.stat(ino.fd))
+
+    @_fuse_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: EntryAttributes,
+        fields: _Fields,
+        fh: int | None,
+        ctx: _Ctx,
+    ) -> EntryAttributes:
+        """chown, then chmod (chown clears set-ID bits), then size, then times."""
+        ino = self._inode(inode)
+        handle = self._handles.get(fh) if fh is not None else None
+        uid = attr.st_uid if fields.update_uid else -1
+        gid = attr.st_gid if fields.update_gid else -1
+        if uid != -1 or gid != -1:
+            _libc.fchown_empty(ino.fd, uid, gid)
+        if fields.update_mode:
+            if ino.is_symlink:
+                raise FUSEError(errno.EOPNOTSUPP)
+            if handle is not None:
+                os.fchmod(handle.fd, stat.S_IMODE(attr.st_mode))
+            else:
+                os.chmod(ino.proc, stat.S_IMODE(attr.st_mode))
+        if fields.update_size:
+            if handle is not None:
+                os.ftruncate(handle.fd, attr.st_size)
+            elif ino.is_dir:
+                raise FUSEError(errno.EISDIR)
+            else:
+                os.truncate(ino.proc, attr.st_size)
+        atime = attr.st_atime_ns if fields.update_atime else None
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
+        if atime is not None or mtime is not None:
+            _libc.utimens_empty(ino.fd, atime, mtime)
+        st = os.stat(ino.fd)
+        if self._track:
+            path = self._path(ino)
+            if path is not None:
+                if fields.update_size:
+                    await self._sink.record(Truncate(path, attr.st_size))
+                if (
+                    fields.update_uid
+                    or fields.update_gid
+                    or fields.update_mode
+                    or (atime is not None or mtime is not None)
+                ):
+                    await self._sink.record(
+                        SetAttr(
+                            path,
+                            mode=stat.S_IMODE(st.st_mode) if fields.update_mode else None,
+                            uid=st.st_uid if fields.update_uid else None,
+                            gid=st.st_gid if fields.update_gid else None,
+                            atime_ns=atime,
+                            mtime_ns=mtime,
+                        )
+                    )
+        return self._entry(ino.nodeid, st)
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: _Ctx) -> bytes:
+        """readlinkat(fd, "") reads an O_PATH symlink fd's target."""
+        return os.fsencode(os.readlink("", dir_fd=self._inode(inode).fd))
+
+    # -- namespace changes ------------------------------------------------------------------
+
+    @_fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: _Ctx
+    ) -> EntryAttributes:
+        """Fifos, sockets, and (as root) device nodes."""
+        parent = self._inode(parent_inode)
+        perm = mode & 0o7777 & ~ctx.umask
+        os.mknod(name, stat.S_IFMT(mode) | perm, rdev, dir_fd=parent.fd)
+        inode, st = self._settle_new(parent, self._open_path(parent, name), perm, ctx)
+        await self._created(parent, name, inode, st, "mknod")
+        return self._entry(inode.nodeid, st)
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: _Ctx) -> EntryAttributes:
+        """mkdirat, then owner and mode."""
+        parent = self._inode(parent_inode)
+        perm = mode & 0o7777 & ~ctx.umask
+        os.mkdir(name, perm, dir_fd=parent.fd)
+        inode, st = self._settle_new(parent, self._open_path(parent, name), perm, ctx)
+        await self._created(parent, name, inode, st, "mkdir")
+        return self._entry(inode.nodeid, st)
+
+    @_fuse_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: _Ctx
+    ) -> EntryAttributes:
+        """symlinkat, then lchown."""
+        parent = self._inode(parent_inode)
+        os.symlink(target, name, dir_fd=parent.fd)
+        inode, st = self._settle_new(parent, self._open_path(parent, name), None, ctx)
+        await self._created(parent, name, inode, st, "symlink", target)
+        return self._entry(inode.nodeid, st)
+
+    @_fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: _Ctx
+    ) -> EntryAttributes:
+        """linkat through /proc/self/fd: the new name joins the same table entry."""
+        ino = self._inode(inode)
+        parent = self._inode(new_parent_inode)
+        os.link(ino.proc, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        st = os.stat(ino.fd)
+        ino.nlookup += 1
+        if self._track:
+            target = self._path(ino)
+            self._add_name(ino, parent, new_name)
+            path = self._child_path(parent, new_name)
+            if path is not None and target is not None:
+                await self._sink.record(Link(path, target))
+        return self._entry(ino.nodeid, st)
+
+    @_fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: _Ctx) -> None:
+        """unlinkat; the inode lives on while the kernel still references it."""
+        parent = self._inode(parent_inode)
+        path = self._child_path(parent, name) if self._track else None
+        os.unlink(name, dir_fd=parent.fd)
+        if self._track:
+            self._drop_name(parent, name)
+            if path is not None:
+                await self._sink.record(Unlink(path))
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: _Ctx) -> None:
+        """unlinkat(AT_REMOVEDIR)."""
+        parent = self._inode(parent_inode)
+        path = self._child_path(parent, name) if self._track else None
+        os.rmdir(name, dir_fd=parent.fd)
+        if self._track:
+            self._drop_name(parent, name)
+            if path is not None:
+                await self._sink.record(Rmdir(path))
+
+    @_fuse_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: _Ctx,
+    ) -> None:
+        """renameat, or renameat2 when flags (NOREPLACE, EXCHANGE) are given."""
+        old_parent = self._inode(parent_inode_old)
+        new_parent = self._inode(parent_inode_new)
+        if flags & ~_RENAME_FLAGS:
+            raise FUSEError(errno.EINVAL)
+        old_path = new_path = None
+        if self._track:
+            old_path = self._child_path(old_parent, name_old)
+            new_path = self._child_path(new_parent, name_new)
+        if flags:
+            _libc.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
+        else:
+            os.rename(name_old, name_new, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
+        if not self._track:
+            return
+        moved = self._drop_name(old_parent, name_old)
+        replaced = self._drop_name(new_parent, name_new)
+        if moved is not None:
+            self._add_name(moved, new_parent, name_new)
+        if replaced is not None and flags & 2:  # RENAME_EXCHANGE
+            self._add_name(replaced, old_parent, name_old)
+        if old_path is not None and new_path is not None:
+            await self._sink.record(Rename(old_path, new_path, flags))
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _open_flags(self, flags: int) -> int:
+        flags &= ~_STRIP_OPEN
+        if self._writeback:
+            # The kernel reads pages of write-only files to fill its cache, and does O_APPEND
+            # itself (it knows the size); as passthrough_hp does.
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            flags &= ~os.O_APPEND
+        return flags | os.O_CLOEXEC
+
+    def _new_handle(self, fd: int, inode: _Inode, flags: int) -> FileInfo:
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        self._handles[fd] = _Handle(fd, inode, writable)
+        # keep_cache off: the kernel drops its page cache at each open, so changes made in the
+        # backing directory behind the mount's back show up.
+        return FileInfo(fh=fd, direct_io=False, keep_cache=False, nonseekable=False)
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: _Ctx) -> FileInfo:
+        """Re-open the inode's O_PATH fd for I/O through /proc/self/fd."""
+        ino = self._inode(inode)
+        if ino.is_symlink:
+            raise FUSEError(errno.ELOOP)
+        fl = self._open_flags(flags)
+        fd = os.open(ino.proc, fl)
+        fi = self._new_handle(fd, ino, fl)
+        if self._track and flags & os.O_TRUNC:
+            path = self._path(ino)
+            if path is not None:
+                await self._sink.record(Truncate(path, 0))
+        return fi
+
+    @_fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: _Ctx
+    ) -> tuple[FileInfo, EntryAttributes]:
+        """openat(O_CREAT) with the caller's flags, then owner and mode."""
+        parent = self._inode(parent_inode)
+        perm = mode & 0o7777 & ~ctx.umask
+        fl = self._open_flags(flags) | os.O_CREAT | (flags & os.O_EXCL)
+        fd = os.open(name, fl, perm, dir_fd=parent.fd)
+        try:
+            pfd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            inode, st = self._settle_new(parent, pfd, perm, ctx)
+        except BaseException:
+            os.close(fd)
+            raise
+        fi = self._new_handle(fd, inode, fl)
+        if self._track:
+            await self._created(parent, name, inode, st, "create")
+            if flags & os.O_TRUNC:
+                path = self._child_path(parent, name)
+                if path is not None:
+                    await self._sink.record(Truncate(path, 0))
+        return fi, self._entry(inode.nodeid, st)
+
+    def _handle(self, fh: int) -> _Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise FUSEError(errno.EBADF) from None
+
+    async def _record_write(self, h: _Handle, off: int, n: int) -> None:
+        if self._track and n > 0:
+            path = self._path(h.inode)
+            if path is not None:
+                await self._sink.record(Write(path, off, n))
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        """pread; large reads in a worker thread."""
+        fd = self._handle(fh).fd
+        if size <= _INLINE_IO:
+            return os.pread(fd, size, off)
+        return await trio.to_thread.run_sync(os.pread, fd, size, off)
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        """pwrite all of ``buf`` (short writes retried: the kernel expects all or an error)."""
+        h = self._handle(fh)
+        if len(buf) <= _INLINE_IO:
+            n = _pwrite_all(h.fd, buf, off)
+        else:
+            n = await trio.to_thread.run_sync(_pwrite_all, h.fd, buf, off)
+        await self._record_write(h, off, n)
+        return n
+
+    @_fuse_errors
+    async def flush(self, fh: int) -> None:
+        """close(dup(fd)): lets a backing fs that acts on close (NFS) see this close."""
+        os.close(os.dup(self._handle(fh).fd))
+
+    @_fuse_errors
+    async def release(self, fh: int) -> None:
+        """Close the backing fd."""
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            os.close(h.fd)
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """fsync/fdatasync in a worker thread."""
+        fd = self._handle(fh).fd
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+
+    # -- zero-copy and extra file operations (fusefs.ops extensions) --------------------------
+
+    @_fuse_errors
+    async def read_range(self, fh: int, off: int, size: int) -> FileRange:
+        """Answer a read with a range of the backing fd; the session moves the bytes."""
+        return FileRange(self._handle(fh).fd, off, size)
+
+    @_fuse_errors
+    async def write_payload(self, fh: int, off: int, payload: Payload) -> int:
+        """Let the session move the payload straight into the backing fd; report the range."""
+        h = self._handle(fh)
+        n = await payload.to_fd(h.fd, off)
+        await self._record_write(h, off, n)
+        return n
+
+    def passthrough_fd(self, fh: int) -> int | None:
+        """The backing fd for kernel passthrough, unless a sink must see this file's writes."""
+        h = self._handles.get(fh)
+        if h is None or (self._track and h.writable):
+            return None
+        return h.fd
+
+    @_fuse_errors
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with any mode (punch hole, zero range...) in a worker thread."""
+        h = self._handle(fh)
+        await trio.to_thread.run_sync(_libc.fallocate, h.fd, mode, offset, length)
+        if self._track:
+            path = self._path(h.inode)
+            if path is not None:
+                await self._sink.record(Fallocate(path, mode, offset, length))
+
+    @_fuse_errors
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE on the backing fd.
+
+        Moving the fd's offset is harmless: all I/O here is positional (pread/pwrite/splice
+        with offsets), and this runs inline so no other request interleaves.
+        """
+        return os.lseek(self._handle(fh).fd, offset, whence)
+
+    @_fuse_errors
+    async def copy_file_range(
+        self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int
+    ) -> int:
+        """copy_file_range(2) between two backing fds (reflinks where the fs can)."""
+        if flags:
+            raise FUSEError(errno.EINVAL)
+        src = self._handle(fh_in).fd
+        dst = self._handle(fh_out)
+        n = await trio.to_thread.run_sync(os.copy_file_range, src, dst.fd, length, off_in, off_out)
+        await self._record_write(dst, off_out, n)
+        return n
+
+    # -- directories ------------------------------------------------------------------------
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: _Ctx) -> int:
+        """Open the directory for reading; its listing is taken at the first readdir."""
+        ino = self._inode(inode)
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=ino.fd)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dirs[fh] = _DirHandle(fd, ino)
+        return fh
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        """Entries of the listing snapshot from ``start_id`` on (readdirplus: with lookups).
+
+        The snapshot is taken when a listing starts (start_id 0), so next_id values (index + 1)
+        stay valid while entries are added or removed: removed ones are skipped, new ones
+        appear in the next listing.  "." and ".." come first and add no lookup reference.
+        """
+        try:
+            d = self._dirs[fh]
+        except KeyError:
+            raise FUSEError(errno.EBADF) from None
+        if start_id == 0 or d.names is None:
+            d.names = [b".", b"..", *map(os.fsencode, os.listdir(d.fd))]
+        names = d.names
+        parent = d.inode
+        for i in range(start_id, len(names)):
+            name = names[i]
+            if i < 2:
+                attr = self._dot_entry(parent, name)
+                if not readdir_reply(token, name, attr, i + 1):
+                    return
+                continue
+            try:
+                inode, st = self._lookup(parent, name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed since the snapshot
+            if not readdir_reply(token, name, self._entry(inode.nodeid, st), i + 1):
+                self._forget_one(inode.nodeid, 1)
+                return
+
+    def _dot_entry(self, d: _Inode, name: bytes) -> EntryAttributes:
+        if name == b"." or d is self._root:
+            return self._entry(d.nodeid, os.stat(d.fd))
+        st = os.stat("..", dir_fd=d.fd, follow_symlinks=False)
+        known = self._by_key.get((st.st_dev, st.st_ino))
+        return self._entry(known.nodeid if known is not None else st.st_ino, st)
+
+    @_fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        """Close the directory fd and forget the snapshot."""
+        d = self._dirs.pop(fh, None)
+        if d is not None:
+            os.close(d.fd)
+
+    @_fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """fsync the directory in a worker thread."""
+        try:
+            fd = self._dirs[fh].fd
+        except KeyError:
+            raise FUSEError(errno.EBADF) from None
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+
+    # -- filesystem -------------------------------------------------------------------------
+
+    @_fuse_errors
+    async def statfs(self, ctx: _Ctx) -> StatvfsData:
+        """fstatvfs of the backing directory."""
+        sv = os.statvfs(self._root.fd)
+        out = StatvfsData()
+        out.f_bsize = sv.f_bsize
+        out.f_frsize = sv.f_frsize
+        out.f_blocks = sv.f_blocks
+        out.f_bfree = sv.f_bfree
+        out.f_bavail = sv.f_bavail
+        out.f_files = sv.f_files
+        out.f_ffree = sv.f_ffree
+        out.f_favail = sv.f_favail
+        out.f_namemax = sv.f_namemax
+        return out
+
+    @_fuse_errors
+    async def access(self, inode: int, mode: int, ctx: _Ctx) -> bool:
+        """POSIX permission check for the caller (only asked without default_permissions)."""
+        st = os.stat(self._inode(inode).fd)
+        if mode == os.F_OK:
+            return True
+        if ctx.uid == 0:
+            # root may do anything but execute a file no one may execute
+            return not (mode & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111)
+        if st.st_uid == ctx.uid:
+            perm = (st.st_mode >> 6) & 7
+        elif st.st_gid == ctx.gid or st.st_gid in _groups(ctx.pid):
+            perm = (st.st_mode >> 3) & 7
+        else:
+            perm = st.st_mode & 7
+        return mode & perm == mode
+
+    # -- extended attributes ----------------------------------------------------------------
+    # Through /proc/self/fd/N: following the magic link lands on the object itself, symlinks
+    # included (user.* on a symlink then fails with EPERM, as natively).
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: _Ctx) -> bytes:
+        """getxattr; a missing attribute is ENODATA (== ENOATTR)."""
+        return os.getxattr(self._inode(inode).proc, name)
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: _Ctx) -> list[bytes]:
+        """listxattr, names as bytes."""
+        return [os.fsencode(n) for n in os.listxattr(self._inode(inode).proc)]
+
+    @_fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: _Ctx) -> None:
+        """setxattr (create or replace: pyfuse3 passes no flags)."""
+        ino = self._inode(inode)
+        os.setxattr(ino.proc, name, value)
+        if self._track:
+            path = self._path(ino)
+            if path is not None:
+                await self._sink.record(SetXattr(path, name, value))
+
+    @_fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: _Ctx) -> None:
+        """removexattr; a missing attribute is ENODATA."""
+        ino = self._inode(inode)
+        os.removexattr(ino.proc, name)
+        if self._track:
+            path = self._path(ino)
+            if path is not None:
+                await self._sink.record(RemoveXattr(path, name))
+
+
+def _pwrite_all(fd: int, buf: bytes, off: int) -> int:
+    view = memoryview(buf)
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], off + done)
+        if n == 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        done += n
+    return done
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _groups(pid: int) -> set[int]:
+    """Supplementary groups of process ``pid`` (empty if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()

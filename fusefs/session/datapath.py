@@ -18,6 +18,7 @@ import fcntl
 import os
 import struct
 
+from fusefs.ops import Payload
 from fusefs.protocol.abi import (
     FUSE_DEV_IOC_BACKING_CLOSE,
     FUSE_DEV_IOC_BACKING_OPEN,
@@ -147,3 +148,120 @@ def backing_open(devfd: int, fd: int) -> int:
 def backing_close(devfd: int, backing_id: int) -> None:
     arg = bytearray(struct.pack("<I", backing_id))
     fcntl.ioctl(devfd, FUSE_DEV_IOC_BACKING_CLOSE, arg, True)
+
+
+class PipePayload(Payload):
+    """A WRITE payload left in the pipe it was spliced into from /dev/fuse.
+
+    ``to_fd`` splices it on into the backing file, so the bytes never enter user space; the
+    pipe goes back to the pool once it is empty.
+    """
+
+    def __init__(self, pool: PipePool, pair: tuple[int, int], size: int) -> None:
+        self.pool = pool
+        self.pair: tuple[int, int] | None = pair
+        self.size = size
+        self.spliced = 0
+        self.copied = 0
+
+    async def to_fd(self, fd: int, offset: int) -> int:
+        pair = self._take()
+        r = pair[0]
+        done = 0
+        try:
+            while done < self.size:
+                k = os.splice(r, fd, self.size - done, offset_dst=offset + done)
+                if k == 0:
+                    break
+                done += k
+        except OSError:
+            if done == 0:
+                # Nothing moved: the caller may retry by copying, so keep the bytes.
+                data = _drain(r, self.size)
+                self.pool.put(pair)
+                raise PayloadSpliceError(data) from None
+            self.pool.discard(pair)
+            return done
+        self.spliced += done
+        self.pool.put(pair)
+        return done
+
+    async def to_bytes(self) -> bytes:
+        pair = self._take()
+        data = _drain(pair[0], self.size)
+        self.pool.put(pair)
+        self.copied += len(data)
+        return data
+
+    def _take(self) -> tuple[int, int]:
+        if self.pair is None:
+            raise RuntimeError("payload already consumed")
+        pair, self.pair = self.pair, None
+        return pair
+
+    def close(self) -> None:
+        """Give the pipe back even if the filesystem never consumed the payload."""
+        if self.pair is not None:
+            pair = self._take()
+            _drain(pair[0], self.size)
+            self.pool.put(pair)
+
+
+class PayloadSpliceError(OSError):
+    """Splicing into the backing file failed before moving a byte; ``data`` holds the payload."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(errno.EIO, "splice into backing file failed")
+        self.data = data
+
+
+class BytesPayload(Payload):
+    """A payload already in memory (the copying path), behind the same interface."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self.data = data
+        self.size = len(data)
+        self.copied = 0
+        self.spliced = 0
+
+    async def to_fd(self, fd: int, offset: int) -> int:
+        n = os.pwrite(fd, self.data, offset)
+        self.copied += n
+        return n
+
+    async def to_bytes(self) -> bytes:
+        self.copied += self.size
+        return bytes(self.data)
+
+
+def splice_request(pool: PipePool, devfd: int, bufsize: int, min_spliced_write: int) -> tuple[
+    bytes, PipePayload | None
+]:
+    """Take one request off the device through a pipe.
+
+    Returns the request bytes and, for a WRITE of at least ``min_spliced_write`` bytes, a
+    :class:`PipePayload` holding its data (then the bytes are only header + write_in).  Raises
+    BlockingIOError when no request is waiting.
+    """
+    pair = pool.get()
+    r, w = pair
+    try:
+        n = os.splice(devfd, w, bufsize)
+    except OSError:
+        pool.put(pair)
+        raise
+    try:
+        head = os.read(r, 40)
+        length, opcode = _IN_PREFIX.unpack_from(head)
+        if opcode == 16 and length - 80 >= min_spliced_write and n == length:  # WRITE
+            prefix = head + os.read(r, 40)
+            return prefix, PipePayload(pool, pair, length - 80)
+        rest = _drain(r, n - 40)
+    except OSError:
+        pool.discard(pair)
+        raise
+    pool.put(pair)
+    return head + rest, None
+
+
+_IN_PREFIX = struct.Struct("<II")

@@ -33,12 +33,16 @@ from fusefs.protocol import requests as rq
 from fusefs.protocol.init import InitConfig, Negotiated, negotiate
 from fusefs.session.counters import Counters
 from fusefs.session.datapath import (
+    BytesPayload,
+    PayloadSpliceError,
+    PipePayload,
     PipePool,
     SpliceShort,
     backing_close,
     backing_open,
     pipe_max_size,
     splice_read_reply,
+    splice_request,
 )
 
 log = logging.getLogger("fusefs.session")
@@ -47,6 +51,11 @@ STATS_XATTR = b"user.fusefs.stats"
 DATA_MODES = ("auto", "passthrough", "splice", "copy")
 
 Reply = bytes | list[bytes] | None
+_OPNAMES = {int(op): op.name for op in abi.Opcode}
+
+
+def _opname(op: int) -> str:
+    return _OPNAMES.get(op) or f"opcode_{op}"
 
 
 def attr_of(e: EntryAttributes) -> rp.Attr:
@@ -109,6 +118,7 @@ class Session:
         max_pages: int = 255,
         max_background: int = 64,
         read_ahead_kb: int = 1024,
+        min_spliced_write: int = 64 * 1024,
         ready: Callable[[], None] | None = None,
         debug: bool = False,
     ) -> None:
@@ -122,12 +132,14 @@ class Session:
         self.max_pages = max_pages
         self.max_background = max_background
         self.read_ahead_kb = read_ahead_kb
+        self.min_spliced_write = min_spliced_write
         self.ready = ready
         self.debug = debug
         self.counters = Counters()
         self.negotiated: Negotiated | None = None
         self.splice_reads = False
         self.passthrough = False
+        self.splice_writes = False
         self._pipes = PipePool(pipe_max_size())
         self._backing_ids: dict[int, int] = {}
         self._inflight: dict[int, trio.CancelScope] = {}
@@ -181,8 +193,14 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 while True:
+                    payload: PipePayload | None = None
                     try:
-                        buf = os.read(fd, bufsize)
+                        if self.splice_writes:
+                            buf, payload = splice_request(
+                                self._pipes, fd, bufsize, self.min_spliced_write
+                            )
+                        else:
+                            buf = os.read(fd, bufsize)
                     except BlockingIOError:
                         await trio.lowlevel.wait_readable(fd)
                         continue
@@ -193,12 +211,27 @@ class Session:
                             continue
                         raise
                     try:
-                        req = rq.decode_request(buf)
+                        if payload is None:
+                            req = rq.decode_request(buf)
+                        else:
+                            pre = rq.decode_write_prefix(buf)
+                            h = pre.header
+                            req = rq.Write(
+                                h.unique, h.opcode, h.nodeid, h.uid, h.gid, h.pid, pre.fh,
+                                pre.offset, pre.size, pre.write_flags, pre.lock_owner,
+                                pre.flags, memoryview(b""),
+                            )  # fmt: skip
                     except rq.ProtocolError as e:
+                        if payload is not None:
+                            payload.close()
                         self._reject(buf, e)
                         continue
+                    if payload is not None:
+                        nursery.start_soon(self._handle, req, payload)
+                        await trio.lowlevel.checkpoint()
+                        continue
                     op = req.opcode
-                    self.counters.requests[abi.opcode_name(op)] += 1
+                    self.counters.requests[_opname(op)] += 1
                     if op == abi.Opcode.FORGET or op == abi.Opcode.BATCH_FORGET:
                         nursery.start_soon(self._forget, req)
                     elif op == abi.Opcode.INTERRUPT:
@@ -249,14 +282,16 @@ class Session:
             if e.errno not in (errno.ENOENT, errno.ENODEV):
                 raise
 
-    async def _handle(self, req: Any) -> None:
+    async def _handle(self, req: Any, payload: PipePayload | None = None) -> None:
         unique = req.unique
         handler = self._handlers.get(req.opcode)
         reply: Reply
         with trio.CancelScope() as scope:
             self._inflight[unique] = scope
             try:
-                if handler is None:
+                if payload is not None:
+                    reply = await self._write_payload(req, payload)
+                elif handler is None:
                     reply = rp.reply_error(unique, errno.ENOSYS)
                 else:
                     reply = await handler(req)
@@ -266,10 +301,12 @@ class Session:
                 reply = rp.reply_error(unique, e.errno or errno.EIO)
             except Exception:
                 self.counters.errors += 1
-                log.exception("error handling %s", abi.opcode_name(req.opcode))
+                log.exception("error handling %s", _opname(req.opcode))
                 reply = rp.reply_error(unique, errno.EIO)
             finally:
                 del self._inflight[unique]
+                if payload is not None:
+                    payload.close()
         if scope.cancelled_caught:
             reply = rp.reply_error(unique, errno.EINTR)
         if reply is not None:
@@ -291,7 +328,9 @@ class Session:
         cfg = InitConfig(
             want_writeback_cache=self.writeback_cache,
             want_passthrough=want_pt and os.geteuid() == 0,
-            max_pages=self.max_pages,
+            # A spliced WRITE takes the header's pipe slot plus up to one more page than its
+            # size when unaligned: keep it within a 256-slot pipe.
+            max_pages=min(self.max_pages, 254) if self.data_wanted != "copy" else self.max_pages,
             max_background=self.max_background,
         )
         try:
@@ -330,6 +369,8 @@ class Session:
             why = "asked for" if wanted == "copy" else "filesystem offers no read_range()"
         self.passthrough = mode == "passthrough"
         self.splice_reads = mode in ("passthrough", "splice")
+        # Writable opens may not be passed through (a change sink must see them): splice those.
+        self.splice_writes = self.splice_reads and hasattr(self.ops, "write_payload")
         self.counters.data_mode = mode
         self.counters.data_mode_reason = why
         level = logging.WARNING if wanted not in ("auto", mode) else logging.INFO
@@ -386,10 +427,10 @@ class Session:
             attr.st_mode = req.mode
         if v & abi.FATTR_UID:
             fields.update_uid = True
-            attr.st_uid = req.uid_new
+            attr.st_uid = req.new_uid
         if v & abi.FATTR_GID:
             fields.update_gid = True
-            attr.st_gid = req.gid_new
+            attr.st_gid = req.new_gid
         if v & abi.FATTR_SIZE:
             fields.update_size = True
             attr.st_size = req.size
@@ -522,9 +563,33 @@ class Session:
         return rp.reply_data(req.unique, data)
 
     async def _write(self, req: Any) -> Reply:
-        n = await self.ops.write(req.fh, req.offset, bytes(req.data))
+        """A WRITE whose data came in with the request (small, or splicing is off)."""
+        if self.splice_writes and hasattr(self.ops, "write_payload"):
+            payload = BytesPayload(req.data)
+            n = await self.ops.write_payload(req.fh, req.offset, payload)
+        else:
+            n = await self.ops.write(req.fh, req.offset, bytes(req.data))
         self.counters.write_requests_copied += 1
         self.counters.write_bytes_copied += n
+        return rp.reply_write(req.unique, n)
+
+    async def _write_payload(self, req: Any, payload: PipePayload) -> Reply:
+        """A WRITE whose data is still in a pipe: splice it into the backing file."""
+        c = self.counters
+        try:
+            n = await self.ops.write_payload(req.fh, req.offset, payload)
+        except PayloadSpliceError as e:
+            c.splice_fallbacks += 1
+            n = await self.ops.write(req.fh, req.offset, e.data)
+            c.write_requests_copied += 1
+            c.write_bytes_copied += n
+            return rp.reply_write(req.unique, n)
+        if payload.spliced:
+            c.write_requests_spliced += 1
+            c.write_bytes_spliced += payload.spliced
+        if payload.copied:
+            c.write_requests_copied += 1
+            c.write_bytes_copied += payload.copied
         return rp.reply_write(req.unique, n)
 
     async def _statfs(self, req: Any) -> Reply:

@@ -18,6 +18,8 @@ import fcntl
 import os
 import struct
 
+import trio
+
 from fusefs.ops import Payload
 from fusefs.protocol.abi import (
     FUSE_DEV_IOC_BACKING_CLOSE,
@@ -25,6 +27,8 @@ from fusefs.protocol.abi import (
 )
 
 F_SETPIPE_SZ = 1031
+#: Moves of at least this many bytes run in a worker thread so the loop keeps serving.
+THREAD_MIN = 64 * 1024
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _OUT_HEADER = struct.Struct("<IiQ")
 
@@ -46,8 +50,10 @@ class PipePool:
         self._all: set[tuple[int, int]] = set()
 
     def get(self) -> tuple[int, int]:
-        if self._free:
-            return self._free.pop()
+        try:
+            return self._free.pop()  # atomic under the GIL: worker threads splice too
+        except IndexError:
+            pass
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
@@ -165,6 +171,11 @@ class PipePayload(Payload):
         self.copied = 0
 
     async def to_fd(self, fd: int, offset: int) -> int:
+        if self.size >= THREAD_MIN:
+            return await trio.to_thread.run_sync(self._to_fd, fd, offset)
+        return self._to_fd(fd, offset)
+
+    def _to_fd(self, fd: int, offset: int) -> int:
         pair = self._take()
         r = pair[0]
         done = 0

@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -37,6 +38,7 @@ from fusefs.session.datapath import (
     PayloadSpliceError,
     PipePayload,
     PipePool,
+    THREAD_MIN,
     SpliceShort,
     backing_close,
     backing_open,
@@ -226,12 +228,12 @@ class Session:
                             payload.close()
                         self._reject(buf, e)
                         continue
+                    op = req.opcode
+                    self.counters.requests[_opname(op)] += 1
                     if payload is not None:
                         nursery.start_soon(self._handle, req, payload)
                         await trio.lowlevel.checkpoint()
                         continue
-                    op = req.opcode
-                    self.counters.requests[_opname(op)] += 1
                     if op == abi.Opcode.FORGET or op == abi.Opcode.BATCH_FORGET:
                         nursery.start_soon(self._forget, req)
                     elif op == abi.Opcode.INTERRUPT:
@@ -328,6 +330,9 @@ class Session:
         cfg = InitConfig(
             want_writeback_cache=self.writeback_cache,
             want_passthrough=want_pt and os.geteuid() == 0,
+            # The kernel then trusts us to clear setuid/setgid on writes (flag per request)
+            # instead of asking for security.capability before every single WRITE.
+            want_handle_killpriv_v2=True,
             # A spliced WRITE takes the header's pipe slot plus up to one more page than its
             # size when unaligned: keep it within a 256-slot pipe.
             max_pages=min(self.max_pages, 254) if self.data_wanted != "copy" else self.max_pages,
@@ -448,6 +453,9 @@ class Session:
             attr.st_ctime_ns = req.ctime_ns
         fh = req.fh if v & abi.FATTR_FH else None
         e = await self.ops.setattr(req.nodeid, attr, fields, fh, self._ctx(req))
+        if v & abi.FATTR_KILL_SUIDGID:
+            await self._kill_suidgid(req)
+            e = await self.ops.getattr(req.nodeid, self._ctx(req))
         return rp.reply_attr(req.unique, e.attr_timeout, attr_of(e))
 
     async def _readlink(self, req: Any) -> Reply:
@@ -516,6 +524,8 @@ class Session:
 
     async def _open(self, req: Any) -> Reply:
         fi = await self.ops.open(req.nodeid, req.flags, self._ctx(req))
+        if req.open_flags & abi.FUSE_OPEN_KILL_SUIDGID:
+            await self._kill_suidgid(req)
         flags, bid = self._passthrough(fi.fh, self._open_flags(fi))
         return rp.reply_open(req.unique, fi.fh, flags, bid)
 
@@ -539,10 +549,12 @@ class Session:
         c = self.counters
         if self.splice_reads:
             rng = await self.ops.read_range(req.fh, req.offset, req.size)
+            args = (self._pipes, self.devfd, req.unique, rng.fd, rng.offset, rng.size)
             try:
-                n = splice_read_reply(
-                    self._pipes, self.devfd, req.unique, rng.fd, rng.offset, rng.size
-                )
+                if rng.size >= THREAD_MIN:
+                    n = await trio.to_thread.run_sync(splice_read_reply, *args)
+                else:
+                    n = splice_read_reply(*args)
             except SpliceShort as short:
                 c.splice_fallbacks += 1
                 data = short.data
@@ -562,8 +574,24 @@ class Session:
         c.read_bytes_copied += len(data)
         return rp.reply_data(req.unique, data)
 
+    async def _kill_suidgid(self, req: Any) -> None:
+        """What the kernel leaves to us under HANDLE_KILLPRIV_V2: a write, truncate or O_TRUNC
+        open by an unprivileged caller clears setuid, and setgid when group-executable."""
+        ctx = self._ctx(req)
+        e = await self.ops.getattr(req.nodeid, ctx)
+        mode = e.st_mode
+        kill = mode & stat.S_ISUID
+        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if kill:
+            attr = EntryAttributes()
+            attr.st_mode = mode & ~kill
+            await self.ops.setattr(req.nodeid, attr, SetattrFields(update_mode=True), None, ctx)
+
     async def _write(self, req: Any) -> Reply:
         """A WRITE whose data came in with the request (small, or splicing is off)."""
+        if req.write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
+            await self._kill_suidgid(req)
         if self.splice_writes and hasattr(self.ops, "write_payload"):
             payload = BytesPayload(req.data)
             n = await self.ops.write_payload(req.fh, req.offset, payload)
@@ -576,6 +604,8 @@ class Session:
     async def _write_payload(self, req: Any, payload: PipePayload) -> Reply:
         """A WRITE whose data is still in a pipe: splice it into the backing file."""
         c = self.counters
+        if req.write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
+            await self._kill_suidgid(req)
         try:
             n = await self.ops.write_payload(req.fh, req.offset, payload)
         except PayloadSpliceError as e:

@@ -56,6 +56,7 @@ __all__ = [
     "Open",
     "Opendir",
     "Poll",
+    "ProtocolError",
     "Read",
     "Readdir",
     "Readdirplus",

@@ -7,6 +7,7 @@ with UTIME_OMIT per field, and no AT_EMPTY_PATH variants that act on O_PATH fds.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "UTIME_NOW",
     "UTIME_OMIT",
     "fallocate",
+    "fchmod_empty",
     "fchown_empty",
     "renameat2",
     "utimens_empty",
@@ -72,14 +74,47 @@ def fchown_empty(fd: int, uid: int, gid: int) -> None:
     )
 
 
-def _ts(ns: int | None) -> _Timespec:
-    if ns is None:
-        return _Timespec(0, UTIME_OMIT)
-    sec, nsec = divmod(ns, 1_000_000_000)
-    return _Timespec(sec, nsec)
+_times = (_Timespec * 2)()  # reused: only ever called from the one trio thread
 
 
 def utimens_empty(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
-    """Set the times of what ``fd`` (O_PATH or not, symlinks too) refers to; None = omit."""
-    times = (_Timespec * 2)(_ts(atime_ns), _ts(mtime_ns))
-    _check(_utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+    """Set the times of what ``fd`` (O_PATH or not, symlinks too) refers to; None = omit.
+
+    Not thread-safe (a shared buffer keeps this cheap): call it from the event loop thread.
+    """
+    a, m = _times[0], _times[1]
+    if atime_ns is None:
+        a.tv_sec, a.tv_nsec = 0, UTIME_OMIT
+    else:
+        a.tv_sec, a.tv_nsec = divmod(atime_ns, 1_000_000_000)
+    if mtime_ns is None:
+        m.tv_sec, m.tv_nsec = 0, UTIME_OMIT
+    else:
+        m.tv_sec, m.tv_nsec = divmod(mtime_ns, 1_000_000_000)
+    _check(_utimensat(fd, b"", _times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_SYS_fchmodat2 = 452  # x86_64 and aarch64 (generic table) alike; Linux 6.6+
+_have_fchmodat2 = True
+
+
+def fchmod_empty(fd: int, mode: int) -> None:
+    """chmod what an O_PATH ``fd`` refers to (fchmodat2 AT_EMPTY_PATH, else /proc/self/fd)."""
+    global _have_fchmodat2
+    if _have_fchmodat2:
+        res = _syscall(
+            ctypes.c_long(_SYS_fchmodat2),
+            ctypes.c_int(fd),
+            ctypes.c_char_p(b""),
+            ctypes.c_uint(mode),
+            ctypes.c_int(AT_EMPTY_PATH),
+        )
+        if res == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err))
+        _have_fchmodat2 = False
+    os.chmod(f"/proc/self/fd/{fd}", mode)

@@ -33,6 +33,7 @@ import contextlib
 import errno
 import functools
 import os
+import resource
 import stat
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -218,6 +219,7 @@ class MirrorFS(Operations):
                 f"cannot read backing directory {str(path)!r}: {exc.strerror}"
             ) from None
 
+        _raise_fd_limit()
         self.backing = path
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
@@ -409,7 +411,7 @@ class MirrorFS(Operations):
                 if stat.S_ISDIR(st.st_mode):
                     want |= st.st_mode & stat.S_ISGID  # inherited from the parent
                 if stat.S_IMODE(st.st_mode) != want:
-                    os.chmod(f"/proc/self/fd/{fd}", want)
+                    _libc.fchmod_empty(fd, want)
                     changed = True
             if changed:
                 st = os.stat(fd)
@@ -507,7 +509,7 @@ class MirrorFS(Operations):
             if handle is not None:
                 os.fchmod(handle.fd, stat.S_IMODE(attr.st_mode))
             else:
-                os.chmod(ino.proc, stat.S_IMODE(attr.st_mode))
+                _libc.fchmod_empty(ino.fd, stat.S_IMODE(attr.st_mode))
         if fields.update_size:
             if handle is not None:
                 os.ftruncate(handle.fd, attr.st_size)
@@ -968,6 +970,14 @@ def _pwrite_all(fd: int, buf: bytes, off: int) -> int:
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _raise_fd_limit() -> None:
+    """Allow as many fds as the hard limit: we hold one per inode the kernel caches."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _groups(pid: int) -> set[int]:

@@ -30,6 +30,7 @@ __all__ = [
     "DataMode",
     "MountOptions",
     "SessionName",
+    "escape_option",
     "parse_options",
     "split_option_string",
 ]
@@ -150,9 +151,9 @@ class MountOptions:
         parts = ["ro" if self.ro else "rw", "nosuid", "nodev"]
         if self.noexec:
             parts.append("noexec")
-        parts.append("fsname=" + _escape(self.source))
+        parts.append("fsname=" + escape_option(self.source))
         if self.subtype:
-            parts.append("subtype=" + _escape(self.subtype))
+            parts.append("subtype=" + escape_option(self.subtype))
         if self.allow_other:
             parts.append("allow_other")
         if self.default_permissions:
@@ -171,14 +172,14 @@ class MountOptions:
             if isinstance(value, bool):
                 parts.append(f.name if value else _NEGATIONS.get(f.name, f.name + "=0"))
             else:
-                parts.append(f"{f.name}={_escape(str(value))}")
+                parts.append(f"{f.name}={escape_option(str(value))}")
         return ",".join(parts)
 
 
 _NEGATIONS = {"ro": "rw", "noexec": "exec"}
 
 
-def _escape(value: str) -> str:
+def escape_option(value: str) -> str:
     """Escape ``\\`` and ``,`` so a value survives an option list (libfuse's convention)."""
     return value.replace("\\", "\\\\").replace(",", "\\,")
 

@@ -34,7 +34,7 @@ def test_random_bytes(buf: bytes, ext: bool) -> None:
         rq.decode_write_prefix(buf)
 
 
-@settings(max_examples=3000)
+@settings(max_examples=1500)
 @given(
     opcode=st.sampled_from(OPCODES),
     body=st.one_of(

@@ -87,6 +87,7 @@ def test_modern_kernel_with_passthrough() -> None:
         assert neg.has(flag), hex(flag)
     assert not (neg.posix_locks or neg.flock_locks or neg.dont_mask or neg.writeback_cache)
     assert not (neg.export_support or neg.setxattr_ext or neg.handle_killpriv)
+    assert not neg.handle_killpriv_v2 and neg.async_read
     assert neg.readdirplus and neg.readdirplus_auto and neg.parallel_dirops
     assert neg.splice_read and neg.splice_write and neg.splice_move and neg.atomic_o_trunc
     assert neg.expire_only

@@ -173,7 +173,16 @@ class Negotiated:
 
     @property
     def handle_killpriv(self) -> bool:
-        return bool(self.flags & (abi.FUSE_HANDLE_KILLPRIV | abi.FUSE_HANDLE_KILLPRIV_V2))
+        return bool(self.flags & abi.FUSE_HANDLE_KILLPRIV)
+
+    @property
+    def handle_killpriv_v2(self) -> bool:
+        """We clear suid/sgid ourselves when WRITE/SETATTR/OPEN carry a KILL_SUIDGID flag."""
+        return bool(self.flags & abi.FUSE_HANDLE_KILLPRIV_V2)
+
+    @property
+    def async_read(self) -> bool:
+        return bool(self.flags & abi.FUSE_ASYNC_READ)
 
     @property
     def expire_only(self) -> bool:

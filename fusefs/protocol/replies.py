@@ -92,12 +92,13 @@ def attr_from_stat(st: os.stat_result, ino: int | None = None) -> Attr:
 def _attr_fields(a: Attr) -> tuple[int, ...]:
     """fuse_attr field order: the three times split into sec / nsec (floor division keeps
     nsec in 0..999999999 for pre-1970 times); rdev truncated to the kernel's 32-bit encoding."""
-    asec, ansec = divmod(a[3], _NS)
-    msec, mnsec = divmod(a[4], _NS)
-    csec, cnsec = divmod(a[5], _NS)
+    ino, size, blocks, atime, mtime, ctime, mode, nlink, uid, gid, rdev, blksize, flags = a
+    asec, ansec = divmod(atime, _NS)
+    msec, mnsec = divmod(mtime, _NS)
+    csec, cnsec = divmod(ctime, _NS)
     return (
-        a[0], a[1], a[2], asec, msec, csec, ansec, mnsec, cnsec,
-        a[6], a[7], a[8], a[9], a[10] & _U32, a[11], a[12],
+        ino, size, blocks, asec, msec, csec, ansec, mnsec, cnsec,
+        mode, nlink, uid, gid, rdev & _U32, blksize, flags,
     )  # fmt: skip
 
 
@@ -117,6 +118,19 @@ def split_timeout(seconds: float) -> tuple[int, int]:
     return sec, min(nsec, _NS - 1)
 
 
+_timeout_cache: dict[float, tuple[int, int]] = {}
+
+
+def _timeout(seconds: float) -> tuple[int, int]:
+    """split_timeout, memoized: filesystems use a handful of constant timeouts."""
+    split = _timeout_cache.get(seconds)
+    if split is None:
+        split = split_timeout(seconds)
+        if len(_timeout_cache) < 64:
+            _timeout_cache[seconds] = split
+    return split
+
+
 class EntryOut(NamedTuple):
     """What a LOOKUP-like reply says about one name (also the body of a READDIRPLUS record).
 
@@ -133,8 +147,8 @@ class EntryOut(NamedTuple):
 def _entry_fields(
     nodeid: int, generation: int, entry_valid_s: float, attr_valid_s: float, attr: Attr
 ) -> tuple[int, ...]:
-    esec, ensec = split_timeout(entry_valid_s)
-    asec, ansec = split_timeout(attr_valid_s)
+    esec, ensec = _timeout(entry_valid_s)
+    asec, ansec = _timeout(attr_valid_s)
     return (nodeid, generation, esec, asec, ensec, ansec, *_attr_fields(attr))
 
 
@@ -189,7 +203,7 @@ _ATTR_LEN = abi.OUT_ATTR.size
 
 def reply_attr(unique: int, attr_valid_s: float, attr: Attr) -> bytes:
     """GETATTR/SETATTR reply."""
-    sec, nsec = split_timeout(attr_valid_s)
+    sec, nsec = _timeout(attr_valid_s)
     return _pack_attr_out(_ATTR_LEN, 0, unique, sec, nsec, 0, *_attr_fields(attr))
 
 
@@ -390,8 +404,9 @@ def notify_store(nodeid: int, offset: int, data: bytes | bytearray | memoryview)
 
 # --- Directory listings ------------------------------------------------------------------------
 
-_pack_dirent_into = abi.DIRENT.pack_into
-_pack_direntplus_into = abi.DIRENTPLUS.pack_into
+_pack_dirent = abi.DIRENT.pack
+_pack_direntplus = abi.DIRENTPLUS.pack
+_PAD = tuple(bytes(i) for i in range(8))
 
 
 class DirentBuffer:
@@ -410,7 +425,12 @@ class DirentBuffer:
         self.count = 0
 
     def add(
-        self, ino: int, off: int, type: int, name: bytes, entry: EntryOut | None = None
+        self,
+        ino: int,
+        off: int,
+        type: int,
+        name: bytes,
+        entry: EntryOut | tuple[int, int, float, float, Attr] | None = None,
     ) -> bool:
         """Append one entry; ``off`` is the offset of the *next* entry (what telldir returns).
 
@@ -428,7 +448,6 @@ class DirentBuffer:
             reclen = (abi.DIRENTPLUS_SIZE + namelen + 7) & ~7
             if start + reclen > self._limit:
                 return False
-            buf.extend(bytes(reclen))
             if entry is None:
                 fields: tuple[int, ...] = (
                     0, 0, 0, 0, 0, 0,  # nodeid generation entry_valid attr_valid + nsecs
@@ -436,15 +455,16 @@ class DirentBuffer:
                 )  # fmt: skip
             else:
                 fields = _entry_fields(*entry)
-            _pack_direntplus_into(buf, start, *fields, ino, off, namelen, type)
-            buf[start + abi.DIRENTPLUS_SIZE : start + abi.DIRENTPLUS_SIZE + namelen] = name
+            buf += _pack_direntplus(*fields, ino, off, namelen, type)
+            buf += name
+            buf += _PAD[reclen - abi.DIRENTPLUS_SIZE - namelen]
         else:
             reclen = (abi.DIRENT_SIZE + namelen + 7) & ~7
             if start + reclen > self._limit:
                 return False
-            buf.extend(bytes(reclen))
-            _pack_dirent_into(buf, start, ino, off, namelen, type)
-            buf[start + abi.DIRENT_SIZE : start + abi.DIRENT_SIZE + namelen] = name
+            buf += _pack_dirent(ino, off, namelen, type)
+            buf += name
+            buf += _PAD[reclen - abi.DIRENT_SIZE - namelen]
         self.count += 1
         return True
 

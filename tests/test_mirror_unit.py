@@ -210,6 +210,24 @@ async def test_create_applies_umask_and_exact_mode(fs: MirrorFS, backing: Path) 
     assert stat.S_ISDIR(d.st_mode)
 
 
+async def test_default_acl_decides_new_modes(fs: MirrorFS, backing: Path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("setfacl") is None:
+        pytest.skip("setfacl not installed")
+    (backing / "acl").mkdir()
+    r = subprocess.run(["setfacl", "-d", "-m", "u::rwx,g::r-x,o::---", str(backing / "acl")])
+    if r.returncode != 0:
+        pytest.skip("backing fs has no ACLs")
+    d = (await fs.lookup(ROOT_INODE, b"acl", CTX)).st_ino
+    ctx = RequestContext(uid=CTX.uid, gid=CTX.gid, pid=CTX.pid, umask=0o077)
+    fi, _ = await fs.create(d, b"f", 0o666, os.O_RDWR, ctx)  # umask not applied by kernel
+    await fs.release(fi.fh)
+    # the default ACL replaces the umask: group r, other none, as natively
+    assert stat.S_IMODE(os.stat(backing / "acl" / "f").st_mode) == 0o640
+
+
 async def test_create_exclusive(fs: MirrorFS, backing: Path) -> None:
     (backing / "f").write_bytes(b"")
     with pytest.raises(FUSEError) as exc:
@@ -401,7 +419,7 @@ async def test_long_names_and_deep_paths(fs: MirrorFS, backing: Path) -> None:
     dh = await fs.opendir(parent, CTX)
     await fs.readdir(dh, 0, tok)
     await fs.releasedir(dh)
-    assert [e[0] for e in tok.entries] == [b".", b"..", name]
+    assert [e[0] for e in tok.entries] == [name]
 
 
 # -- directories ----------------------------------------------------------------------------
@@ -416,10 +434,9 @@ async def test_readdir_lists_with_lookup_counts(fs: MirrorFS, backing: Path) -> 
     await fs.readdir(dh, 0, tok)
     await fs.releasedir(dh)
     got = [e[0] for e in tok.entries]
-    assert got[:2] == [b".", b".."]
-    assert set(got[2:]) == names and len(got) == 12
-    # each entry other than . and .. holds exactly one lookup reference
-    for name, ino, _ in tok.entries[2:]:
+    assert set(got) == names and len(got) == 10  # no . and ..
+    # each entry holds exactly one lookup reference
+    for name, ino, _ in tok.entries:
         assert ino == os.stat(backing / os.fsdecode(name)).st_ino
         await fs.forget([(ino, 1)])
         with pytest.raises(FUSEError):
@@ -469,16 +486,18 @@ async def test_readdir_offsets_stable_under_changes(fs: MirrorFS, backing: Path)
 
 
 async def test_readdir_full_buffer_takes_no_reference(fs: MirrorFS, backing: Path) -> None:
-    (backing / "only").write_bytes(b"")
+    (backing / "a").write_bytes(b"")
+    (backing / "b").write_bytes(b"")
     dh = await fs.opendir(ROOT_INODE, CTX)
-    tok = Token(room=2)  # . and .. fit, "only" does not
+    tok = Token(room=1)  # the second entry does not fit
     await fs.readdir(dh, 0, tok)
-    ino = os.stat(backing / "only").st_ino
+    ((first, _, next_id),) = tok.entries
+    second = b"b" if first == b"a" else b"a"
     with pytest.raises(FUSEError):
-        await fs.getattr(ino, CTX)
+        await fs.getattr(os.stat(backing / os.fsdecode(second)).st_ino, CTX)
     tok = Token()
-    await fs.readdir(dh, 2, tok)
-    assert [e[0] for e in tok.entries] == [b"only"]
+    await fs.readdir(dh, next_id, tok)
+    assert [e[0] for e in tok.entries] == [second]
     await fs.fsyncdir(dh, False)
     await fs.releasedir(dh)
 

@@ -387,12 +387,25 @@ class MirrorFS(Operations):
 
     # -- creating objects -------------------------------------------------------------------
 
+    def _new_perm(self, parent: _Inode, mode: int, ctx: _Ctx) -> int:
+        """Permission bits for a new object: ``mode`` less the caller's umask.
+
+        Without FUSE_DONT_MASK the kernel already applied the umask (so this is a no-op);
+        with it, the umask is ours to apply, except under a default ACL, which replaces it.
+        """
+        perm = mode & 0o7777
+        if perm & ctx.umask and not _has_default_acl(parent):
+            perm &= ~ctx.umask
+        return perm
+
     def _settle_new(
-        self, parent: _Inode, fd: int, mode: int | None, ctx: _Ctx
+        self, parent: _Inode, fd: int, perm: int | None, ctx: _Ctx
     ) -> tuple[_Inode, os.stat_result]:
         """Give a just-created object (O_PATH ``fd``) its owner and mode; count one lookup.
 
-        ``mode`` is the permission bits asked for (None for symlinks, which have none).
+        ``perm`` is the permission bits asked for (None for symlinks, which have none).  The
+        daemon's umask may have removed some (we undo that), chown clears set-ID bits (we
+        restore them), but a default ACL on the parent legitimately masks bits (we keep that).
         """
         try:
             st = os.stat(fd)
@@ -404,13 +417,16 @@ class MirrorFS(Operations):
                 if st.st_uid != ctx.uid or gid != -1:
                     _libc.fchown_empty(fd, ctx.uid, gid)
                     changed = True
-                    if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
+                    if perm is not None and perm & (stat.S_ISUID | stat.S_ISGID):
                         st = os.stat(fd)  # chown cleared them; see below
-            if mode is not None:
-                want = mode & 0o7777
+            if perm is not None:
+                cur = stat.S_IMODE(st.st_mode)
+                want = perm
                 if stat.S_ISDIR(st.st_mode):
-                    want |= st.st_mode & stat.S_ISGID  # inherited from the parent
-                if stat.S_IMODE(st.st_mode) != want:
+                    want |= cur & stat.S_ISGID  # inherited from the parent
+                if cur != want and _has_default_acl(parent):
+                    want = cur | (perm & (stat.S_ISUID | stat.S_ISGID))
+                if cur != want:
                     _libc.fchmod_empty(fd, want)
                     changed = True
             if changed:
@@ -558,7 +574,7 @@ class MirrorFS(Operations):
     ) -> EntryAttributes:
         """Fifos, sockets, and (as root) device nodes."""
         parent = self._inode(parent_inode)
-        perm = mode & 0o7777 & ~ctx.umask
+        perm = self._new_perm(parent, mode, ctx)
         os.mknod(name, stat.S_IFMT(mode) | perm, rdev, dir_fd=parent.fd)
         inode, st = self._settle_new(parent, self._open_path(parent, name), perm, ctx)
         await self._created(parent, name, inode, st, "mknod")
@@ -568,7 +584,7 @@ class MirrorFS(Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: _Ctx) -> EntryAttributes:
         """mkdirat, then owner and mode."""
         parent = self._inode(parent_inode)
-        perm = mode & 0o7777 & ~ctx.umask
+        perm = self._new_perm(parent, mode, ctx)
         os.mkdir(name, perm, dir_fd=parent.fd)
         inode, st = self._settle_new(parent, self._open_path(parent, name), perm, ctx)
         await self._created(parent, name, inode, st, "mkdir")
@@ -699,7 +715,7 @@ class MirrorFS(Operations):
     ) -> tuple[FileInfo, EntryAttributes]:
         """openat(O_CREAT) with the caller's flags, then owner and mode."""
         parent = self._inode(parent_inode)
-        perm = mode & 0o7777 & ~ctx.umask
+        perm = self._new_perm(parent, mode, ctx)
         fl = self._open_flags(flags) | os.O_CREAT | (flags & os.O_EXCL)
         fd = os.open(name, fl, perm, dir_fd=parent.fd)
         try:
@@ -834,41 +850,31 @@ class MirrorFS(Operations):
 
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        """Entries of the listing snapshot from ``start_id`` on (readdirplus: with lookups).
+        """Entries of the listing snapshot from ``start_id`` on, each with one lookup.
 
         The snapshot is taken when a listing starts (start_id 0), so next_id values (index + 1)
         stay valid while entries are added or removed: removed ones are skipped, new ones
-        appear in the next listing.  "." and ".." come first and add no lookup reference.
+        appear in the next listing.  "." and ".." are left out (allowed by the contract):
+        a session that turns READDIRPLUS lookups back into forgets for a plain READDIR then
+        cannot take a reference from the directory itself.
         """
         try:
             d = self._dirs[fh]
         except KeyError:
             raise FUSEError(errno.EBADF) from None
         if start_id == 0 or d.names is None:
-            d.names = [b".", b"..", *map(os.fsencode, os.listdir(d.fd))]
+            d.names = [os.fsencode(n) for n in os.listdir(d.fd)]
         names = d.names
         parent = d.inode
         for i in range(start_id, len(names)):
             name = names[i]
-            if i < 2:
-                attr = self._dot_entry(parent, name)
-                if not readdir_reply(token, name, attr, i + 1):
-                    return
-                continue
             try:
                 inode, st = self._lookup(parent, name)
-            except (FileNotFoundError, NotADirectoryError):
+            except FileNotFoundError:
                 continue  # removed since the snapshot
             if not readdir_reply(token, name, self._entry(inode.nodeid, st), i + 1):
                 self._forget_one(inode.nodeid, 1)
                 return
-
-    def _dot_entry(self, d: _Inode, name: bytes) -> EntryAttributes:
-        if name == b"." or d is self._root:
-            return self._entry(d.nodeid, os.stat(d.fd))
-        st = os.stat("..", dir_fd=d.fd, follow_symlinks=False)
-        known = self._by_key.get((st.st_dev, st.st_ino))
-        return self._entry(known.nodeid if known is not None else st.st_ino, st)
 
     @_fuse_errors
     async def releasedir(self, fh: int) -> None:
@@ -970,6 +976,14 @@ def _pwrite_all(fd: int, buf: bytes, off: int) -> int:
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _has_default_acl(d: _Inode) -> bool:
+    """Whether directory ``d`` has a default ACL (which then decides new objects' modes)."""
+    try:
+        return bool(os.getxattr(d.proc, "system.posix_acl_default"))
+    except OSError:
+        return False
 
 
 def _raise_fd_limit() -> None:

@@ -53,6 +53,17 @@ STATS_XATTR = b"user.fusefs.stats"
 DATA_MODES = ("auto", "passthrough", "splice", "copy")
 
 Reply = bytes | list[bytes] | None
+_INTERRUPTIBLE = frozenset(
+    {
+        abi.Opcode.READ,
+        abi.Opcode.WRITE,
+        abi.Opcode.FSYNC,
+        abi.Opcode.FSYNCDIR,
+        abi.Opcode.FALLOCATE,
+        abi.Opcode.COPY_FILE_RANGE,
+        abi.Opcode.FLUSH,
+    }
+)
 _OPNAMES = {int(op): op.name for op in abi.Opcode}
 
 
@@ -144,7 +155,7 @@ class Session:
         self.splice_writes = False
         self._pipes = PipePool(pipe_max_size())
         self._backing_ids: dict[int, int] = {}
-        self._inflight: dict[int, trio.CancelScope] = {}
+        self._inflight: dict[int, trio.CancelScope | None] = {}
         self._bufsize = max(
             abi.FUSE_MIN_READ_BUFFER, max_pages * 4096 + abi.IN_HEADER_SIZE + 4096
         )
@@ -232,7 +243,6 @@ class Session:
                     self.counters.requests[_opname(op)] += 1
                     if payload is not None:
                         nursery.start_soon(self._handle, req, payload)
-                        await trio.lowlevel.checkpoint()
                         continue
                     if op == abi.Opcode.FORGET or op == abi.Opcode.BATCH_FORGET:
                         nursery.start_soon(self._forget, req)
@@ -244,9 +254,9 @@ class Session:
                         self._send(rp.reply_empty(req.unique))
                         break
                     else:
+                        # Tasks start running when the device has nothing more for us
+                        # (wait_readable yields): no scheduler pass per request.
                         nursery.start_soon(self._handle, req)
-                    # Let started tasks run before reading more: fairness under a flood.
-                    await trio.lowlevel.checkpoint()
                 nursery.cancel_scope.cancel()
         finally:
             self._close()
@@ -285,43 +295,61 @@ class Session:
                 raise
 
     async def _handle(self, req: Any, payload: PipePayload | None = None) -> None:
+        """One request's task.  Only requests that can block for long get a cancel scope
+        (INTERRUPT cancels it); scopes cost more than the quick metadata calls themselves."""
         unique = req.unique
-        handler = self._handlers.get(req.opcode)
+        inflight = self._inflight
         reply: Reply
-        with trio.CancelScope() as scope:
-            self._inflight[unique] = scope
+        if req.opcode in _INTERRUPTIBLE:
+            with trio.CancelScope() as scope:
+                inflight[unique] = scope
+                try:
+                    reply = await self._call(req, payload)
+                finally:
+                    del inflight[unique]
+            if scope.cancelled_caught:
+                reply = rp.reply_error(unique, errno.EINTR)
+        else:
+            inflight[unique] = None
             try:
-                if payload is not None:
-                    reply = await self._write_payload(req, payload)
-                elif handler is None:
-                    reply = rp.reply_error(unique, errno.ENOSYS)
-                else:
-                    reply = await handler(req)
-            except FUSEError as e:
-                reply = rp.reply_error(unique, e.errno)
-            except OSError as e:
-                reply = rp.reply_error(unique, e.errno or errno.EIO)
-            except Exception:
-                self.counters.errors += 1
-                log.exception("error handling %s", _opname(req.opcode))
-                reply = rp.reply_error(unique, errno.EIO)
+                reply = await self._call(req, payload)
             finally:
-                del self._inflight[unique]
-                if payload is not None:
-                    payload.close()
-        if scope.cancelled_caught:
-            reply = rp.reply_error(unique, errno.EINTR)
+                del inflight[unique]
         if reply is not None:
             self._send(reply)
 
+    async def _call(self, req: Any, payload: PipePayload | None) -> Reply:
+        """Run the handler; every failure becomes an errno reply, never a dead request."""
+        unique = req.unique
+        try:
+            if payload is not None:
+                return await self._write_payload(req, payload)
+            handler = self._handlers.get(req.opcode)
+            if handler is None:
+                return rp.reply_error(unique, errno.ENOSYS)
+            return await handler(req)
+        except FUSEError as e:
+            return rp.reply_error(unique, e.errno)
+        except OSError as e:
+            return rp.reply_error(unique, e.errno or errno.EIO)
+        except Exception:
+            self.counters.errors += 1
+            log.exception("error handling %s", _opname(req.opcode))
+            return rp.reply_error(unique, errno.EIO)
+        finally:
+            if payload is not None:
+                payload.close()
+
     def _interrupt(self, req: Any) -> None:
-        scope = self._inflight.get(req.target_unique)
-        if scope is None:
-            # Not (yet) seen or already answered; EAGAIN makes the kernel retry if still pending.
+        target = req.target_unique
+        if target not in self._inflight:
+            # Not seen yet (or answered already): EAGAIN asks the kernel to resend it later.
             self._send(rp.reply_error(req.unique, errno.EAGAIN))
             return
-        self.counters.interrupts += 1
-        scope.cancel()
+        scope = self._inflight[target]
+        if scope is not None:  # a quick request finishes on its own; ignoring is allowed
+            self.counters.interrupts += 1
+            scope.cancel()
 
     # ----------------------------------------------------------------- INIT
 

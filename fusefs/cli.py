@@ -66,7 +66,8 @@ mount options (-o, comma-separated, repeatable; unknown options are an error):
   max_background=N       background requests the kernel keeps in flight
   session={"|".join(SESSIONS)}  which FUSE session serves the mount (as --session)
   ignored (as added by mount(8)/fstab): rw, defaults, dev, nodev, suid, nosuid,
-  exec, auto, noauto, user, nouser, users, _netdev, nofail, x-*, comment=*
+  exec, auto, noauto, user, nouser, users, _netdev, nofail, x-* (x-systemd.*),
+  comment=*
   (a FUSE mount is always nosuid,nodev)
 """
 

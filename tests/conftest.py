@@ -6,6 +6,9 @@
   both unless it picks: ``@pytest.mark.parametrize("session", ["pyfuse3"], indirect=True)``.
 - ``mnt``: the mount point (a Path) of a running mirror of ``backing``; its :class:`Mount` is
   ``mnt_handle``.  Teardown unmounts and fails the test unless the daemon exits 0.
+- ``test_user``: the name of a non-root user (``fusefs-test``, created if missing) that can run
+  this interpreter with fusefs importable and open /dev/fuse (made 0666 while the tests run,
+  as on a desktop); for unprivileged (fusermount3) tests.  Needs root.
 - ``mount_factory(backing=None, mountpoint=None, *, options=(), session=None, user=None,
   args=(), start=True)``: more mounts, or custom ``-o`` options; all torn down at the end.
 
@@ -14,8 +17,9 @@ Tests using these fixtures are marked ``mount`` automatically (``-m 'not mount'`
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -25,11 +29,17 @@ _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from tests.mounting import SESSIONS, Mount  # noqa: E402
+from tests.mounting import (  # noqa: E402
+    SESSIONS,
+    TEST_USER,
+    Mount,
+    MountFactory,
+    ensure_test_user,
+    fuse_device_usable_by_all,
+    python_usable_by,
+)
 
 MOUNT_FIXTURES = frozenset({"mnt", "mnt_handle", "mount_factory"})
-
-MountFactory = Callable[..., Mount]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -102,3 +112,12 @@ def mnt_handle(mount_factory: MountFactory) -> Mount:
 @pytest.fixture
 def mnt(mnt_handle: Mount) -> Path:
     return mnt_handle.mountpoint
+
+
+@pytest.fixture(scope="session")
+def test_user() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create and switch to an unprivileged test user")
+    ensure_test_user(TEST_USER)
+    with python_usable_by(TEST_USER), fuse_device_usable_by_all():
+        yield TEST_USER

@@ -17,24 +17,34 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fusefs.session.mount import FUSE_CONNECTIONS, connection_dir, find_mount
+from fusefs.session.mount import FUSE_CONNECTIONS, FUSE_DEVICE, connection_dir, find_mount
 
 #: The sessions every mounted test runs under.
 SESSIONS = ("fusefs", "pyfuse3")
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT = 10.0
 UNMOUNT_TIMEOUT = 5.0
+
+
+#: ``mount_factory(backing=None, mountpoint=None, *, options=(), session_name=None, user=None,
+#: args=(), start=True, expect_clean_exit=True) -> Mount`` (the fixture in conftest.py).
+MountFactory = Callable[..., "Mount"]
 
 
 def is_mounted(path: os.PathLike[str] | str) -> bool:
@@ -265,3 +275,100 @@ class Mount:
 
 def have_fusermount() -> bool:
     return shutil.which("fusermount3") is not None
+
+
+# -- an unprivileged user ----------------------------------------------------------------------
+
+#: The non-root user unprivileged tests run fusefs as (created with useradd when missing).
+TEST_USER = "fusefs-test"
+
+
+def ensure_test_user(name: str = TEST_USER) -> pwd.struct_passwd:
+    """The user ``name``, created (no home, no login) if missing.  Needs root."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", name],
+        check=True,
+        capture_output=True,
+    )
+    return pwd.getpwnam(name)
+
+
+def run_as(user: str, cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` as ``user`` (``runuser -u``), with fusefs importable."""
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("timeout", 30)
+    return subprocess.run(
+        ["runuser", "-u", user, "--", *cmd],
+        env=fusefs_env(),
+        stdin=subprocess.DEVNULL,
+        text=True,
+        check=False,
+        **kwargs,
+    )
+
+
+def _python_paths() -> list[Path]:
+    paths = [Path(os.path.realpath(sys.executable)), REPO]
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        paths.append(Path(sysconfig.get_paths()[key]))
+    return paths
+
+
+@contextlib.contextmanager
+def python_usable_by(user: str) -> Iterator[None]:
+    """Let ``user`` run this interpreter and import fusefs (e.g. a pyenv under /root, mode 700).
+
+    Grants search (o+x) on the directories above the interpreter, its libraries and this
+    checkout that lack it, for the duration only, and restores their modes afterwards.
+    """
+    probe = [sys.executable, "-c", "import fusefs.cli, fusefs.mirror, pyfuse3, trio"]
+    changed: dict[Path, int] = {}
+    try:
+        if run_as(user, probe).returncode != 0:
+            for path in _python_paths():
+                for directory in [*reversed(path.parents), path]:
+                    if not directory.is_dir() or directory in changed:
+                        continue
+                    mode = directory.stat().st_mode
+                    if not mode & stat.S_IXOTH:
+                        changed[directory] = stat.S_IMODE(mode)
+                        directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+            result = run_as(user, probe)
+            if result.returncode != 0:
+                pytest.fail(
+                    f"user {user} cannot run {sys.executable} with fusefs: {result.stderr.strip()}"
+                )
+        yield
+    finally:
+        for directory, mode in changed.items():
+            directory.chmod(mode)
+
+
+@contextlib.contextmanager
+def fuse_device_usable_by_all() -> Iterator[None]:
+    """Make /dev/fuse mode 0666 (as udev does on a desktop) for the duration, then restore.
+
+    fusermount3 opens /dev/fuse with the caller's privileges; containers often leave it 0600.
+    """
+    device = Path(FUSE_DEVICE)
+    mode = stat.S_IMODE(device.stat().st_mode)
+    wanted = mode | 0o666
+    if mode != wanted:
+        device.chmod(wanted)
+    try:
+        yield
+    finally:
+        if mode != wanted:
+            device.chmod(mode)
+
+
+def user_tmpdir(user: str, prefix: str = "fusefs-user-") -> Path:
+    """A fresh directory under /tmp owned by ``user`` (tmp_path is not reachable by others)."""
+    entry = pwd.getpwnam(user)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    return path

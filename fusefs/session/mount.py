@@ -16,6 +16,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -283,10 +284,7 @@ def _helper_message(stderr: bytes, fallback: str) -> str:
     lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
     if not lines:
         return fallback
-    message = lines[-1]
-    for prefix in ("fusermount3: ", "fusermount: "):
-        message = message.removeprefix(prefix)
-    return message
+    return re.sub(r"^\S*fusermount3?: ", "", lines[-1])
 
 
 def _fusermount(path: str, opts: MountOptions) -> int:

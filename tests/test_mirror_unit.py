@@ -588,14 +588,33 @@ async def test_copy_file_range_read_range_write_payload(fs: MirrorFS, backing: P
     assert os.pread(rng.fd, rng.size, rng.offset) == b"3456"
     assert await fs.write_payload(dst.fh, 5, BytesPayload(b"!!")) == 2
     assert (backing / "dst").read_bytes() == b"23456!!"
-    # no sink: the kernel may serve every open file directly
-    assert fs.passthrough_fd(src.fh) == src.fh
-    assert fs.passthrough_fd(dst.fh) == dst.fh
     await fs.release(src.fh)
     await fs.release(dst.fh)
     with pytest.raises(FUSEError) as exc:
         await fs.read(dst.fh, 0, 1)
     assert errno_of(exc) == errno.EBADF
+
+
+async def test_passthrough_fd_is_shared_per_inode(fs: MirrorFS, backing: Path) -> None:
+    import fcntl
+
+    (backing / "f").write_bytes(b"abc")
+    ino = (await fs.lookup(ROOT_INODE, b"f", CTX)).st_ino
+    ro = await fs.open(ino, os.O_RDONLY, CTX)
+    fd = fs.passthrough_fd(ro.fh)
+    assert fd is not None and fd != ro.fh
+    # one backing file for every concurrent open (the kernel demands it), usable for writes
+    assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+    wo = await fs.open(ino, os.O_WRONLY, CTX)
+    assert fs.passthrough_fd(wo.fh) == fd
+    await fs.release(ro.fh)
+    os.fstat(fd)  # still open for the remaining handle
+    await fs.release(wo.fh)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the last handle
+    ro = await fs.open(ino, os.O_RDONLY, CTX)
+    assert fs.passthrough_fd(ro.fh) is not None
+    await fs.release(ro.fh)
 
 
 # -- change sink ----------------------------------------------------------------------------
@@ -608,7 +627,7 @@ async def test_sink_sees_every_change_in_order(sfs: MirrorFS, sink: ListSink) ->
     await fs.write(fi.fh, 0, b"hello")
     await fs.write_payload(fi.fh, 5, BytesPayload(b"!"))
     await fs.fallocate(fi.fh, 0, 0, 100)
-    assert fs.passthrough_fd(fi.fh) is None  # writes must be seen
+    assert fs.passthrough_fd(fi.fh) is None  # writes must be seen: no passthrough at all
     await fs.release(fi.fh)
     attr = EntryAttributes()
     attr.st_size = 3

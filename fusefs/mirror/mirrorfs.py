@@ -123,7 +123,17 @@ class _Fields(Protocol):
 class _Inode:
     """One backing inode the kernel holds a lookup reference to."""
 
-    __slots__ = ("fd", "is_dir", "is_symlink", "key", "names", "nlookup", "nodeid")
+    __slots__ = (
+        "fd",
+        "is_dir",
+        "is_symlink",
+        "key",
+        "names",
+        "nlookup",
+        "nodeid",
+        "nopen",
+        "shared_fd",
+    )
 
     def __init__(self, fd: int, key: tuple[int, int], nodeid: int, mode: int) -> None:
         self.fd = fd
@@ -134,6 +144,10 @@ class _Inode:
         self.is_symlink = stat.S_ISLNK(mode)
         #: Known (parent, name) links, most recent first; kept only when a sink is configured.
         self.names: list[tuple[_Inode, bytes]] = []
+        #: Open handles on this inode, and the one backing fd all of them share for kernel
+        #: passthrough (opened on demand, closed with the last handle).
+        self.nopen = 0
+        self.shared_fd: int | None = None
 
     @property
     def proc(self) -> str:
@@ -254,6 +268,8 @@ class MirrorFS(Operations):
             _close_quietly(d.fd)
         for ino in self._inodes.values():
             _close_quietly(ino.fd)
+            if ino.shared_fd is not None:
+                _close_quietly(ino.shared_fd)
         self._handles.clear()
         self._dirs.clear()
         self._inodes.clear()
@@ -690,6 +706,7 @@ class MirrorFS(Operations):
     def _new_handle(self, fd: int, inode: _Inode, flags: int) -> FileInfo:
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         self._handles[fd] = _Handle(fd, inode, writable)
+        inode.nopen += 1
         # keep_cache off: the kernel drops its page cache at each open, so changes made in the
         # backing directory behind the mount's back show up.
         return FileInfo(fh=fd, direct_io=False, keep_cache=False, nonseekable=False)
@@ -773,8 +790,14 @@ class MirrorFS(Operations):
     async def release(self, fh: int) -> None:
         """Close the backing fd."""
         h = self._handles.pop(fh, None)
-        if h is not None:
-            os.close(h.fd)
+        if h is None:
+            return
+        ino = h.inode
+        ino.nopen -= 1
+        if ino.nopen == 0 and ino.shared_fd is not None:
+            _close_quietly(ino.shared_fd)
+            ino.shared_fd = None
+        os.close(h.fd)
 
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -798,11 +821,30 @@ class MirrorFS(Operations):
         return n
 
     def passthrough_fd(self, fh: int) -> int | None:
-        """The backing fd for kernel passthrough, unless a sink must see this file's writes."""
+        """The backing fd the kernel may serve this open file's I/O from, or None.
+
+        The kernel insists that all concurrent opens of one inode use the *same* backing file
+        (another one fails the open with EIO) and refuses to mix passthrough and cached opens
+        on an inode.  So every open of an inode gets the same fd, opened read-write (read-only
+        if that is all the backing file allows) and kept while any handle is open: a session
+        registers it once per fd and reuses the backing id.  With a change sink every answer
+        is None, since the sink must see the writes and mixing is not allowed.
+        """
         h = self._handles.get(fh)
-        if h is None or (self._track and h.writable):
+        if h is None or self._track:
             return None
-        return h.fd
+        ino = h.inode
+        if ino.shared_fd is None:
+            try:
+                ino.shared_fd = os.open(ino.proc, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                if h.writable:
+                    return None  # cannot happen when h itself opened for writing; be safe
+                try:
+                    ino.shared_fd = os.open(ino.proc, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    return None
+        return ino.shared_fd
 
     @_fuse_errors
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:

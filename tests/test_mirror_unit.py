@@ -519,6 +519,16 @@ async def test_xattrs(fs: MirrorFS, backing: Path) -> None:
     with pytest.raises(FUSEError) as exc:
         await fs.removexattr(ino, b"user.x", CTX)
     assert errno_of(exc) == errno.ENODATA
+    # XATTR_CREATE / XATTR_REPLACE, passed by keyword
+    with pytest.raises(FUSEError) as exc:
+        await fs.setxattr(ino, b"user.y", b"1", CTX, flags=os.XATTR_REPLACE)
+    assert errno_of(exc) == errno.ENODATA
+    await fs.setxattr(ino, b"user.y", b"1", CTX, flags=os.XATTR_CREATE)
+    with pytest.raises(FUSEError) as exc:
+        await fs.setxattr(ino, b"user.y", b"2", CTX, flags=os.XATTR_CREATE)
+    assert errno_of(exc) == errno.EEXIST
+    await fs.setxattr(ino, b"user.y", b"3", CTX, flags=os.XATTR_REPLACE)
+    assert await fs.getxattr(ino, b"user.y", CTX) == b"3"
 
 
 async def test_symlink_xattrs_act_on_the_link(fs: MirrorFS, backing: Path) -> None:

@@ -984,10 +984,13 @@ class MirrorFS(Operations):
         return [os.fsencode(n) for n in os.listxattr(self._inode(inode).proc)]
 
     @_fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: _Ctx) -> None:
-        """setxattr (create or replace: pyfuse3 passes no flags)."""
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: _Ctx, flags: int = 0
+    ) -> None:
+        """setxattr; ``flags`` (XATTR_CREATE / XATTR_REPLACE) is our extension: pyfuse3 has
+        no way to pass them, a session that can should pass them by keyword."""
         ino = self._inode(inode)
-        os.setxattr(ino.proc, name, value)
+        os.setxattr(ino.proc, name, value, flags)
         if self._track:
             path = self._path(ino)
             if path is not None:

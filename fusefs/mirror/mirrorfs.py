@@ -3,28 +3,32 @@
 Shaped after libfuse's ``passthrough_hp.cc``: each inode the kernel knows is an entry in a table
 keyed by the backing ``(st_dev, st_ino)`` and holds an ``O_PATH`` fd, so no operation ever builds a
 long path (names of 255 bytes and trees deeper than PATH_MAX work) and renames behind our back
-cannot make us act on the wrong file.  Operations on an inode use the ``*at()`` calls on its fd,
-or ``/proc/self/fd/N`` where Linux has no fd-based call for O_PATH fds (chmod, truncate, xattrs,
-re-opening the file for I/O, linking).
+cannot make us act on the wrong file.  Operations on an inode use the ``*at()`` calls on its fd
+(AT_EMPTY_PATH for chown, utimes and chmod), or ``/proc/self/fd/N`` where Linux has no call that
+takes an O_PATH fd (truncate, xattrs, re-opening the file for I/O, linking).  One fd per cached
+inode: the constructor raises RLIMIT_NOFILE to its hard limit, as passthrough_hp does.
 
 Node ids.  pyfuse3 uses ``EntryAttributes.st_ino`` as the FUSE node id, so the st_ino a program
 sees *is* the node id.  We make it the backing st_ino whenever that is unambiguous (same device
 as the backing root, not 1 = ROOT_INODE, not already taken) so ``ls -i`` and hard-link checks
 see the backing numbers; inodes of other devices (submounts, btrfs subvolumes) and collisions
 get ids from a counter starting at 2**63, far above real inode numbers.  The backing directory
-itself is ROOT_INODE.
+itself is ROOT_INODE.  Hard links are one table entry.
 
 Lookup counts are exact: every reply that hands the kernel an entry (lookup, create, mkdir, mknod,
-symlink, link, each readdirplus entry other than . and ..) adds one; ``forget`` subtracts, and
-an inode is dropped (its fd closed) when its count reaches 0.
+symlink, link, each readdir entry) adds one; ``forget`` subtracts, and an inode is dropped (its
+fd closed) when its count reaches 0.  readdir leaves out "." and "..".
 
 Modes of new objects.  The kernel applies the caller's umask before the request unless the
-session negotiated FUSE_DONT_MASK (pyfuse3 does not); we apply ``ctx.umask`` too, which is a no-op
-on an already masked mode and correct on an unmasked one.  The daemon's own umask is undone with
-a chmod when it removed bits.  As root, new objects are chowned to the caller (the group stays
-the backing directory's when it is set-group-ID, as the kernel would do).
+session negotiated FUSE_DONT_MASK (pyfuse3 does not); we apply ``ctx.umask`` when the mode still
+has umask bits (a no-op on an already masked mode), unless the parent has a default ACL, which
+replaces the umask.  Bits the daemon's own umask removed are restored with a chmod.  As root, new
+objects are chowned to the caller (the group stays the parent's when it is set-group-ID, as the
+kernel would do; set-ID bits that chown cleared are restored).
 
-Every OSError becomes ``FUSEError(errno)``; nothing else escapes a handler.
+Every OSError becomes ``FUSEError(errno)``; nothing else escapes a handler.  Metadata calls run
+inline (they are fast and per-request overhead matters); fsync, fallocate, copy_file_range and
+reads/writes over 64 KiB run in worker threads.
 """
 
 from __future__ import annotations
@@ -396,10 +400,6 @@ class MirrorFS(Operations):
         if base is None:
             return None
         return name if base == b"." else base + b"/" + name
-
-    async def _emit(self, change: Change | None) -> None:
-        if change is not None:
-            await self._sink.record(change)
 
     # -- creating objects -------------------------------------------------------------------
 

@@ -1,0 +1,473 @@
+"""Every data path gives byte-identical results, and the counters prove which path moved the bytes.
+
+Our session only (pyfuse3 has no data paths to choose), mounted with ``-o data=copy``,
+``data=splice`` and ``data=passthrough``.  Each access pattern runs on the mount and on a plain
+directory of the same filesystem, and the bytes seen must be the same.  The mode actually chosen
+is read back from the ``user.fusefs.stats`` xattr of the mount root; passthrough is skipped only
+when the kernel does not offer FUSE_PASSTHROUGH (the skip message says so).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import mmap
+import os
+import random
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.mounting import Mount
+
+MODES = ("copy", "splice", "passthrough")
+MiB = 1 << 20
+
+
+def stats(mnt: Path) -> dict[str, Any]:
+    return dict(json.loads(os.getxattr(mnt, "user.fusefs.stats")))
+
+
+def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    return {
+        k: after[k] - before[k]
+        for k in after
+        if isinstance(after[k], int) and isinstance(before.get(k), int)
+    }
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def evict(path: Path | str) -> None:
+    """Drop the page cache of ``path`` so the next read has to ask the filesystem."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_all(path: Path | str, chunk: int = MiB) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = []
+        while True:
+            b = os.read(fd, chunk)
+            if not b:
+                return b"".join(parts)
+            parts.append(b)
+    finally:
+        os.close(fd)
+
+
+class Pair:
+    """A mount in one data mode and a plain directory to compare it with."""
+
+    def __init__(self, mount: Mount, plain: Path, mode: str) -> None:
+        self.mount = mount
+        self.mnt = mount.mountpoint
+        self.backing = mount.backing
+        self.plain = plain
+        self.mode = mode
+
+    def both(self, fn: Callable[[Path], Any]) -> Any:
+        """Run ``fn`` on the mount and on the plain directory; the results must be equal."""
+        on_mount = _outcome(fn, self.mnt)
+        on_plain = _outcome(fn, self.plain)
+        assert on_mount == on_plain, (
+            f"data={self.mode}: mount gave {on_mount!r}, plain {on_plain!r}"
+        )
+        # the mount wrote the same bytes into its backing directory
+        for name in sorted(os.listdir(self.plain)):
+            p, b = self.plain / name, self.backing / name
+            if p.is_file():
+                assert sha(b.read_bytes()) == sha(p.read_bytes()), f"backing {name} differs"
+        return on_mount
+
+    def stats(self) -> dict[str, Any]:
+        return stats(self.mnt)
+
+
+def _outcome(fn: Callable[[Path], Any], root: Path) -> Any:
+    try:
+        value = fn(root)
+    except OSError as e:
+        return ("error", errno.errorcode.get(e.errno or 0, e.errno))
+    return _digest(value)
+
+
+def _digest(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        return data if len(data) <= 64 else f"{len(data)} bytes sha1={sha(data)}"
+    if isinstance(value, list | tuple):
+        return [_digest(v) for v in value]
+    return value
+
+
+@pytest.fixture
+def session() -> str:
+    """Overrides the shared fixture: data modes exist only in our session."""
+    return "fusefs"
+
+
+@pytest.fixture(params=MODES)
+def pair(request: pytest.FixtureRequest, mount_factory: Any, tmp_path: Path) -> Pair:
+    mode: str = request.param
+    mount: Mount = mount_factory(options=[f"data={mode}"])
+    s = stats(mount.mountpoint)
+    if mode == "passthrough" and s["data_mode"] != "passthrough":
+        reason = s.get("data_mode_reason", "")
+        if "did not grant" in reason:
+            pytest.skip(f"this kernel ({os.uname().release}) lacks FUSE_PASSTHROUGH: {reason}")
+    assert s["data_mode"] == mode, f"asked for data={mode}, got {s}"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    return Pair(mount, plain, mode)
+
+
+# -- access patterns -----------------------------------------------------------------------------
+
+
+def test_sequential(pair: Pair) -> None:
+    data = pattern(9 * MiB + 12345, seed=1)
+
+    def write_then_read(root: Path) -> list[Any]:
+        out = []
+        for name, chunk in (("big", MiB), ("medium", 128 * 1024), ("small", 4096), ("odd", 1000)):
+            fd = os.open(root / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                for off in range(0, len(data) if chunk >= 4096 else MiB, chunk):
+                    os.write(fd, data[off : off + chunk])
+            finally:
+                os.close(fd)
+            evict(root / name)
+            for read_chunk in (MiB, 65536, 4096, 777):
+                out.append(read_all(root / name, read_chunk))
+            out.append(os.stat(root / name).st_size)
+        return out
+
+    pair.both(write_then_read)
+
+
+def test_random_access(pair: Pair) -> None:
+    size = 16 * MiB
+    (pair.mnt / "r").write_bytes(pattern(size, seed=2))
+    (pair.plain / "r").write_bytes(pattern(size, seed=2))
+
+    def random_io(root: Path) -> list[Any]:
+        rnd = random.Random(3)
+        out = []
+        evict(root / "r")
+        fd = os.open(root / "r", os.O_RDWR)
+        try:
+            for i in range(300):
+                off = rnd.randrange(0, size + 100_000)
+                n = rnd.choice((1, 17, 4096, 4097, 65536, 200_000, MiB + 3))
+                if i % 3 == 0:
+                    os.pwrite(fd, pattern(n, seed=i), off)
+                else:
+                    out.append(os.pread(fd, n, off))
+            out.append(os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        evict(root / "r")
+        out.append(read_all(root / "r"))
+        return out
+
+    pair.both(random_io)
+
+
+def test_unaligned(pair: Pair) -> None:
+    def unaligned(root: Path) -> list[Any]:
+        out = []
+        fd = os.open(root / "u", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            off = 0
+            for i, n in enumerate(
+                (1, 4095, 4097, 65535, 65537, 131071, 1048575, 1048577, 3, 254 * 4096 + 1)
+            ):
+                os.pwrite(fd, pattern(n, seed=10 + i), off)
+                off += n + (i * 511)  # gaps of odd sizes
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            for start, n in (
+                (1, 4095),
+                (4095, 2),
+                (4097, 65535),
+                (65535, 1048577),
+                (7, 3 * MiB),
+                (0, 10),
+            ):
+                out.append(os.pread(fd, n, start))
+        finally:
+            os.close(fd)
+        evict(root / "u")
+        out.append(read_all(root / "u", 1000 * 1000))
+        return out
+
+    pair.both(unaligned)
+
+
+def test_past_eof(pair: Pair) -> None:
+    def past_eof(root: Path) -> list[Any]:
+        out: list[Any] = []
+        fd = os.open(root / "p", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"x" * 5000)
+            out.append(os.pread(fd, 100, 5000))
+            out.append(os.pread(fd, MiB, 4990))
+            out.append(os.pread(fd, 10, 10 * MiB))
+            os.pwrite(fd, pattern(300_000, seed=5), 3 * MiB + 17)  # a hole, then data
+            os.pwrite(fd, b"end", 64 * MiB)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            out.append(os.fstat(fd).st_size)
+            out.append(os.pread(fd, 2 * MiB, 2 * MiB))  # hole into data
+            out.append(os.pread(fd, 100, 64 * MiB - 50))
+            out.append(os.pread(fd, 100, 64 * MiB + 3))
+            os.ftruncate(fd, 3 * MiB + 20)
+            out.append(os.pread(fd, MiB, 3 * MiB))
+            os.ftruncate(fd, 4 * MiB)
+            out.append(os.pread(fd, MiB, 3 * MiB))
+        finally:
+            os.close(fd)
+        return out
+
+    pair.both(past_eof)
+
+
+def test_concurrent_readers(pair: Pair) -> None:
+    size = 24 * MiB
+    data = pattern(size, seed=6)
+    (pair.mnt / "c").write_bytes(data)
+    evict(pair.mnt / "c")
+    errors: list[str] = []
+
+    def reader(k: int, shared_fd: int) -> None:
+        rnd = random.Random(k)
+        try:
+            own = os.open(pair.mnt / "c", os.O_RDONLY)
+            try:
+                for i in range(60):
+                    fd = own if i % 2 else shared_fd
+                    off = rnd.randrange(0, size)
+                    n = rnd.choice((4096, 100_000, MiB, 3 * MiB + 1))
+                    got = os.pread(fd, n, off)
+                    if got != data[off : off + n]:
+                        errors.append(f"reader {k}: pread({n}, {off}) gave wrong bytes")
+                        return
+                if k == 0:
+                    whole = read_all(pair.mnt / "c", 256 * 1024)
+                    if whole != data:
+                        errors.append("sequential reader: wrong bytes")
+            finally:
+                os.close(own)
+        except OSError as e:
+            errors.append(f"reader {k}: {e!r}")
+
+    shared = os.open(pair.mnt / "c", os.O_RDONLY)
+    try:
+        threads = [threading.Thread(target=reader, args=(k, shared)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "readers hung"
+    finally:
+        os.close(shared)
+    assert errors == []
+    assert (pair.backing / "c").read_bytes() == data
+
+
+def test_o_append(pair: Pair) -> None:
+    def appends(root: Path) -> list[Any]:
+        results: list[Any] = []
+        a = os.open(root / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            b = os.open(root / "log", os.O_WRONLY | os.O_APPEND)
+            try:
+                for i in range(20):
+                    fd = a if i % 2 else b
+                    n = (1, 100, 4096, 65536, 70_000, 300_000, MiB)[i % 7]
+                    results.append(os.write(fd, pattern(n, seed=100 + i)))
+                    results.append(os.pwrite(fd, b"<pwrite>", 0))  # O_APPEND: appends as well
+            finally:
+                os.close(b)
+        finally:
+            os.close(a)
+        evict(root / "log")
+        return [results, os.stat(root / "log").st_size, read_all(root / "log")]
+
+    pair.both(appends)
+
+
+def test_file_growing_while_read(pair: Pair) -> None:
+    chunks = [
+        pattern(n, seed=200 + i) for i, n in enumerate([5000, 65536, 300_000, MiB, 1, 777_777] * 4)
+    ]
+    expected = b"".join(chunks)
+
+    def grow_and_read(root: Path) -> bytes:
+        path = root / "growing"
+        path.write_bytes(b"")
+        done = threading.Event()
+        problems: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                fd = os.open(path, os.O_WRONLY)  # not O_APPEND: test_o_append covers that
+                try:
+                    for c in chunks:
+                        os.write(fd, c)
+                finally:
+                    os.close(fd)
+            except BaseException as e:
+                problems.append(e)
+            finally:
+                done.set()
+
+        t = threading.Thread(target=writer)
+        got = bytearray()
+        rfd = os.open(path, os.O_RDONLY)
+        try:
+            t.start()
+            while len(got) < len(expected):
+                b = os.read(rfd, 200_000)
+                if b:
+                    got += b
+                elif done.is_set():
+                    # everything is written: what is left must be readable now
+                    rest = os.read(rfd, len(expected))
+                    got += rest
+                    if not rest:
+                        break
+        finally:
+            t.join(timeout=60)
+            os.close(rfd)
+        if problems:
+            raise problems[0]
+        return bytes(got)
+
+    assert pair.both(grow_and_read) == _digest(expected)
+
+
+def test_mmap(pair: Pair) -> None:
+    size = 3 * MiB + 100
+
+    def mapped(root: Path) -> list[Any]:
+        path = root / "m"
+        path.write_bytes(pattern(size, seed=7))
+        evict(path)
+        out: list[Any] = []
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                out.append(m[:100])
+                out.append(m[MiB - 7 : MiB + 9000])
+                out.append(m[size - 50 :])
+                m[10:20] = b"0123456789"
+                m[2 * MiB : 2 * MiB + 5000] = b"w" * 5000
+                m[size - 3 :] = b"END"
+                m.flush()
+            with mmap.mmap(fd, 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE) as p:
+                p[0:5] = b"priv!"  # a private mapping never reaches the file
+                out.append(p[:30])
+        finally:
+            os.close(fd)
+        evict(path)
+        out.append(read_all(path))
+        # a read-only mapping of a file opened read-only
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                out.append(m[:])
+        finally:
+            os.close(fd)
+        return out
+
+    pair.both(mapped)
+
+
+# -- counters: which path moved the bytes --------------------------------------------------------
+
+
+def test_counters_64mib_cp(pair: Pair, tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(pattern(64 * MiB, seed=8))
+    out = tmp_path / "out.bin"
+    before = pair.stats()
+    subprocess.run(["cp", str(src), str(pair.mnt / "big")], check=True)
+    evict(pair.mnt / "big")
+    subprocess.run(["cp", str(pair.mnt / "big"), str(out)], check=True)
+    d = delta(before, pair.stats())
+    subprocess.run(["cmp", str(src), str(out)], check=True)
+    subprocess.run(["cmp", str(src), str(pair.backing / "big")], check=True)
+    if pair.mode == "copy":
+        assert d["bytes_copied"] >= 2 * 64 * MiB, d
+        assert d["bytes_spliced"] == 0, d
+    elif pair.mode == "splice":
+        assert d["bytes_copied"] == 0, d
+        assert d["read_bytes_spliced"] >= 64 * MiB, d
+        assert d["write_bytes_spliced"] == 64 * MiB, d
+        assert d["splice_fallbacks"] == 0, d
+    else:
+        assert d["bytes_copied"] == 0, d
+        assert d["passthrough_opens"] > 0, d
+        assert d["bytes_spliced"] == 0, d  # the kernel moved every byte itself
+
+
+def test_splice_fallback_on_o_append(mount_factory: Any, tmp_path: Path) -> None:
+    """splice(2) into an O_APPEND file fails with EINVAL: the WRITE must fall back to copying."""
+    mount: Mount = mount_factory(options=["data=splice"])
+    mnt = mount.mountpoint
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    chunks = [pattern(n, seed=300 + i) for i, n in enumerate((MiB, 200_000, 65536, 100, MiB + 1))]
+    before = stats(mnt)
+    for root in (mnt, plain):
+        (root / "a").write_bytes(b"head")
+        fd = os.open(root / "a", os.O_WRONLY | os.O_APPEND)
+        try:
+            for c in chunks:
+                n = os.write(fd, c)
+                assert n == len(c), f"{root}: O_APPEND write of {len(c)} bytes wrote {n}"
+        finally:
+            os.close(fd)
+    d = delta(before, stats(mnt))
+    evict(mnt / "a")
+    assert read_all(mnt / "a") == (plain / "a").read_bytes() == b"head" + b"".join(chunks)
+    assert (mount.backing / "a").read_bytes() == (plain / "a").read_bytes()
+    big = sum(len(c) for c in chunks if len(c) >= 65536)
+    assert d["splice_fallbacks"] >= 4, d
+    assert d["write_bytes_copied"] >= big, d
+    # the fallback is per request: a plain (not O_APPEND) write still splices
+    before = stats(mnt)
+    (mnt / "b").write_bytes(chunks[0])
+    d = delta(before, stats(mnt))
+    assert d["splice_fallbacks"] == 0 and d["write_bytes_spliced"] == len(chunks[0]), d
+
+
+def test_mode_is_reported(pair: Pair) -> None:
+    s = pair.stats()
+    assert s["data_mode"] == pair.mode
+    assert s["data_mode_reason"]
+    for key in ("bytes_copied", "bytes_spliced", "passthrough_opens", "read_bytes_spliced",
+                "write_bytes_spliced", "splice_fallbacks"):  # fmt: skip
+        assert isinstance(s[key], int) and s[key] >= 0, key
+    # the counters are not an xattr that copies along: not listed, not settable
+    assert "user.fusefs.stats" not in os.listxattr(pair.mnt)
+    with pytest.raises(OSError):
+        os.setxattr(pair.mnt, "user.fusefs.stats", b"{}")

@@ -1,0 +1,369 @@
+"""``fusefs serve``: receive replication connections and apply them to REPLICA_DIR.
+
+Each connection is one task: handshake (HMAC challenge-response, see docs/protocol.md), then
+OP frames applied in order with :class:`~fusefs.replica.apply.ReplicaDir`, DATA payloads moved
+from the socket into the file with ``splice``, acknowledgements batched whenever the input is
+drained, and ``fsync`` (syncfs) before any durable acknowledgement.  A connection that sends
+anything malformed, oversized or unsafe is answered with an ERROR frame and dropped; the server
+and its other connections carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import trio
+
+from fusefs.replica import wire as w
+from fusefs.replica.apply import ReplicaDir, UnsafePathError, split_path
+from fusefs.replica.transport import FdTransport, TransportClosed
+
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "Server", "serve"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONNECTIONS = 16
+#: Entries are packed into LIST_REPLY frames up to about this many bytes.
+_LIST_FRAME = w.MAX_FRAME // 2
+_HANDSHAKE_TIMEOUT = 10.0
+
+
+class _Refused(Exception):
+    """Drop the connection after telling the peer ``code``/``message``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Server:
+    """The state shared by every connection of one ``fusefs serve``."""
+
+    replica_dir: str
+    key: bytes
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    subtree_per_source: bool = False
+    active: int = 0
+    #: source name -> cancel scope of the connection currently serving it
+    by_source: dict[bytes, trio.CancelScope] = field(default_factory=dict)
+    #: counters, for tests and logs
+    connections: int = 0
+    refused: int = 0
+    ops: int = 0
+    failed: int = 0
+
+    async def handle(self, transport: FdTransport, peer: str) -> None:
+        """Serve one connection until it ends; never raises (except Cancelled)."""
+        self.connections += 1
+        if self.active >= self.max_connections:
+            self.refused += 1
+            log.warning("%s: refused: too many connections (%d)", peer, self.active)
+            conn = w.Connection(w.Role.SERVER, self.key)
+            await _send_quietly(transport, conn.send(w.Error(w.E_BUSY, "too many connections")))
+            return
+        self.active += 1
+        try:
+            await _Handler(self, transport, peer).run()
+        finally:
+            self.active -= 1
+
+
+async def _send_quietly(transport: FdTransport, data: bytes) -> None:
+    try:
+        with trio.move_on_after(2):
+            await transport.send_all(data)
+    except (TransportClosed, OSError):
+        pass
+
+
+class _Handler:
+    def __init__(self, server: Server, transport: FdTransport, peer: str) -> None:
+        self.server = server
+        self.t = transport
+        self.peer = peer
+        self.conn = w.Connection(w.Role.SERVER, server.key)
+        self.replica: ReplicaDir | None = None
+        self.applied = 0  # highest seq applied and not yet acknowledged (0: none)
+        self.acked = 0
+        self.data_fd: int | None = None
+        self.data_pos = 0
+        self.data_discard = False
+        self.devnull = -1
+
+    async def run(self) -> None:
+        try:
+            with trio.CancelScope() as scope:
+                await self._handshake()
+                await self._claim_source(scope)
+                await self._loop()
+        except w.WireError as e:
+            self.server.refused += 1
+            log.warning("%s: dropped: %s", self.peer, e)
+            await _send_quietly(self.t, w.encode_frame(w.Error(e.code, str(e))))
+        except _Refused as e:
+            self.server.refused += 1
+            log.warning("%s: dropped: %s", self.peer, e)
+            await _send_quietly(self.t, w.encode_frame(w.Error(e.code, str(e))))
+        except TransportClosed as e:
+            log.info("%s: connection lost: %s", self.peer, e)
+        except OSError as e:
+            log.warning("%s: dropped after an I/O error: %s", self.peer, e)
+            await _send_quietly(self.t, w.encode_frame(w.Error(w.E_INTERNAL, str(e))))
+        finally:
+            if self.data_fd is not None and not self.data_discard:
+                os.close(self.data_fd)
+            if self.devnull >= 0:
+                os.close(self.devnull)
+            if self.replica is not None:
+                self.replica.close()
+            src = self.conn.source
+            if self.server.by_source.get(src) is getattr(self, "_scope", None):
+                self.server.by_source.pop(src, None)
+
+    async def _next(self) -> w.Event:
+        """The next event, reading more when needed; EOF is TransportClosed."""
+        while True:
+            ev = self.conn.next_event()
+            if not isinstance(ev, w._NeedData):
+                return ev
+            data = await self.t.recv()
+            if not data:
+                raise TransportClosed("peer closed the connection")
+            self.conn.receive_data(data)
+
+    async def _handshake(self) -> None:
+        with trio.fail_after(_HANDSHAKE_TIMEOUT):
+            ev = await self._next()
+            if not isinstance(ev, w.Hello):
+                raise _Refused(w.E_PROTOCOL, "expected HELLO")
+            await self.t.send_all(self.conn.challenge())
+            ev = await self._next()
+            if not isinstance(ev, w.Auth):
+                raise _Refused(w.E_AUTH, "expected AUTH")
+            await self.t.send_all(self.conn.auth_ok())
+
+    async def _claim_source(self, scope: trio.CancelScope) -> None:
+        source = self.conn.source
+        root = self.server.replica_dir
+        if self.server.subtree_per_source:
+            try:
+                parts = split_path(source)
+            except UnsafePathError:
+                parts = []
+            if len(parts) != 1:
+                raise _Refused(w.E_BAD_PATH, f"unusable source name {source!r}")
+            root = os.path.join(root, os.fsdecode(parts[0]))
+        old = self.server.by_source.get(source)
+        if old is not None:
+            log.info("%s: source %r reconnected; dropping its old connection", self.peer, source)
+            old.cancel()
+        self._scope = scope
+        self.server.by_source[source] = scope
+        self.replica = ReplicaDir(root, create=self.server.subtree_per_source)
+        log.info("%s: source %r authenticated; replicating into %s", self.peer, source, root)
+
+    async def _loop(self) -> None:
+        assert self.replica is not None
+        while True:
+            ev = self.conn.next_event()
+            if isinstance(ev, w._NeedData):
+                if self.conn.payload_left and self.data_fd is not None:
+                    n = await self.t.recv_into_file(
+                        self.data_fd,
+                        -1 if self.data_discard else self.data_pos,
+                        self.conn.payload_left,
+                    )
+                    self.data_pos += n
+                    self.conn.payload_received(n)
+                    continue
+                if self.applied > self.acked:
+                    await self._ack(self.applied)
+                data = await self.t.recv()
+                if not data:
+                    raise TransportClosed("peer closed the connection")
+                self.conn.receive_data(data)
+                continue
+            if isinstance(ev, w.Bye):
+                if self.applied > self.acked:
+                    await self._ack(self.applied)
+                log.info("%s: said goodbye", self.peer)
+                return
+            if isinstance(ev, w.Error):
+                log.warning("%s: peer reported error %d: %s", self.peer, ev.code, ev.message)
+                return
+            await self._dispatch(ev)
+
+    async def _ack(self, seq: int, durable: bool = False, failed: bool = False) -> None:
+        await self.t.send_all(self.conn.send(w.Ack(seq, durable, failed)))
+        if not failed:
+            self.acked = max(self.acked, seq)
+
+    def _refuse_path(self, path: bytes) -> NoReturn:
+        log.warning("%s: refused unsafe path %r", self.peer, path)
+        raise _Refused(w.E_BAD_PATH, f"unsafe path {path!r}")
+
+    async def _dispatch(self, ev: w.Event) -> None:
+        replica = self.replica
+        assert replica is not None
+        if isinstance(ev, w.Op):
+            self.server.ops += 1
+            try:
+                replica.apply(ev.change)
+            except UnsafePathError:
+                self._refuse_path(_first_path(ev.change))
+            except OSError as e:
+                self.server.failed += 1
+                log.warning("%s: op %d %r failed: %s", self.peer, ev.seq, ev.change, e)
+                if self.applied > self.acked:
+                    await self._ack(self.applied)
+                await self._ack(ev.seq, failed=True)
+            self.applied = max(self.applied, ev.seq)
+        elif isinstance(ev, w.Data):
+            self.server.ops += 1
+            try:
+                fd = replica.open_for_write(ev.path)
+            except UnsafePathError:
+                self._refuse_path(ev.path)
+            except OSError as e:
+                log.warning("%s: data %d for %r dropped: %s", self.peer, ev.seq, ev.path, e)
+                fd = None
+            if fd is None:
+                if self.devnull < 0:
+                    self.devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                fd, self.data_discard = self.devnull, True
+            else:
+                self.data_discard = False
+            self.data_fd, self.data_pos = fd, ev.offset
+        elif isinstance(ev, w.DataChunk):
+            assert self.data_fd is not None
+            if self.data_discard:
+                pass
+            else:
+                _pwrite_all(self.data_fd, ev.data, self.data_pos)
+            self.data_pos += len(ev.data)
+        elif isinstance(ev, w.DataEnd):
+            if self.data_fd is not None and not self.data_discard:
+                os.close(self.data_fd)
+            self.data_fd = None
+            self.applied = max(self.applied, ev.seq)
+        elif isinstance(ev, w.Sync):
+            await trio.to_thread.run_sync(replica.sync)
+            self.applied = max(self.applied, ev.seq)
+            await self._ack(max(self.applied, ev.seq), durable=True)
+        elif isinstance(ev, w.List):
+            await self._list(ev.req)
+        elif isinstance(ev, w.Checksum):
+            try:
+                found, size, digests = await trio.to_thread.run_sync(
+                    replica.checksum, ev.path, ev.block_size
+                )
+            except UnsafePathError:
+                self._refuse_path(ev.path)
+            if len(digests) * 32 > w.MAX_FRAME - 64:
+                found, size, digests = False, 0, ()
+            await self.t.send_all(self.conn.send(w.ChecksumReply(ev.req, found, size, digests)))
+        elif isinstance(ev, w.Read):
+            await self._read(ev)
+        else:
+            raise _Refused(w.E_PROTOCOL, f"unexpected {type(ev).__name__}")
+
+    async def _list(self, req: int) -> None:
+        assert self.replica is not None
+        entries = await trio.to_thread.run_sync(lambda: list(self.replica.list()))  # type: ignore[union-attr]
+        batch: list[w.Entry] = []
+        size = 0
+        for e in entries:
+            n = w.entry_size(e)
+            if batch and size + n > _LIST_FRAME:
+                await self.t.send_all(self.conn.send(w.ListReply(req, tuple(batch), False)))
+                batch, size = [], 0
+            if n <= _LIST_FRAME:
+                batch.append(e)
+                size += n
+        await self.t.send_all(self.conn.send(w.ListReply(req, tuple(batch), True)))
+
+    async def _read(self, ev: w.Read) -> None:
+        assert self.replica is not None
+        try:
+            fd = self.replica.open_for_read(ev.path)
+        except UnsafePathError:
+            self._refuse_path(ev.path)
+        if fd is None:
+            await self.t.send_all(self.conn.send(w.Data(ev.req, ev.path, ev.offset, 0)))
+            return
+        try:
+            size = os.fstat(fd).st_size
+            length = max(0, min(ev.length, size - ev.offset))
+            await self.t.send_all(self.conn.send(w.Data(ev.req, ev.path, ev.offset, length)))
+            sent = await self.t.send_file(fd, ev.offset, length)
+            if sent < length:  # the file shrank: pad, as announced
+                await self.t.send_all(bytes(length - sent))
+            self.conn.payload_sent(length)
+        finally:
+            os.close(fd)
+
+
+def _first_path(change: Any) -> bytes:
+    path = getattr(change, "path", None) or getattr(change, "old", None)
+    return path if isinstance(path, bytes) else b"?"
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+async def serve(
+    replica_dir: str,
+    key: bytes,
+    listen: tuple[str, int] = ("127.0.0.1", 0),
+    *,
+    stdio: bool = False,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    subtree_per_source: bool = False,
+    server: Server | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve replication into ``replica_dir`` until cancelled (or, with ``stdio``, until the
+    one connection on stdin/stdout ends).  ``task_status.started`` gets the bound port."""
+    srv = server or Server(replica_dir, key, max_connections, subtree_per_source)
+    os.makedirs(replica_dir, exist_ok=True)
+    if stdio:
+        transport = FdTransport(0, 1)
+        task_status.started(0)
+        try:
+            await srv.handle(transport, "stdio")
+        finally:
+            transport.close()
+        return
+    host, port = listen
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=64)
+    bound = listeners[0].socket.getsockname()[1]
+    log.info("serving %s on %s:%d", replica_dir, host, bound)
+    task_status.started(bound)
+
+    async def one(stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "?"
+        async with stream:
+            stream.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            transport = FdTransport(stream.socket.fileno())
+            try:
+                await srv.handle(transport, peer)
+            except Exception:  # a bug must not take the server down
+                log.exception("%s: unexpected error", peer)
+            finally:
+                transport.close()
+
+    await trio.serve_listeners(one, listeners)

@@ -1,0 +1,164 @@
+"""Moving bytes over a connected socket (or a stdin/stdout pair) under trio, zero-copy where
+the kernel allows: ``sendfile`` from a file into the socket, ``splice`` from the socket through
+a pipe into a file.  Falls back to read/write where splice is refused (a tty, a plain file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+
+import trio
+
+__all__ = ["FdTransport", "TransportClosed"]
+
+_SPLICE_F_MOVE = 1
+_SPLICE_F_NONBLOCK = 2
+_CHUNK = 1 << 16
+
+
+class TransportClosed(Exception):
+    """The peer closed the connection (or it broke)."""
+
+
+def _set_nonblocking(fd: int) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+class FdTransport:
+    """A byte stream over ``rfd`` (read side) and ``wfd`` (write side), made non-blocking.
+
+    The fds are not owned: close them (or their socket) yourself.  One task may read while
+    another writes; writes are serialised by a lock.
+    """
+
+    def __init__(self, rfd: int, wfd: int | None = None) -> None:
+        self.rfd = rfd
+        self.wfd = rfd if wfd is None else wfd
+        _set_nonblocking(self.rfd)
+        _set_nonblocking(self.wfd)
+        self.send_lock = trio.Lock()
+        self._pipe: tuple[int, int] | None = None
+        self._splice_ok = True
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def close(self) -> None:
+        """Release the splice pipe (not the fds)."""
+        if self._pipe is not None:
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def recv(self, n: int = _CHUNK) -> bytes:
+        """Up to ``n`` bytes; b"" at EOF."""
+        while True:
+            try:
+                data = os.read(self.rfd, n)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.rfd)
+                continue
+            except (ConnectionError, OSError) as e:
+                raise TransportClosed(f"receive failed: {e.strerror or e}") from None
+            self.bytes_received += len(data)
+            return data
+
+    async def recv_into_file(self, fd: int, offset: int, count: int) -> int:
+        """Move up to ``count`` (>0) bytes from the stream into ``fd`` at ``offset``.
+
+        With splice, the bytes go socket -> pipe -> file without entering Python.  Returns the
+        number moved; raises TransportClosed at EOF.
+        """
+        if self._splice_ok:
+            try:
+                return await self._splice_in(fd, offset, count)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EBADF):
+                    raise
+                self._splice_ok = False
+        data = await self.recv(min(count, _CHUNK))
+        if not data:
+            raise TransportClosed("connection closed in the middle of a DATA payload")
+        _pwrite_all(fd, data, offset)
+        return len(data)
+
+    async def _splice_in(self, fd: int, offset: int, count: int) -> int:
+        if self._pipe is None:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+            self._pipe = (r, w)
+        r, w = self._pipe
+        while True:
+            try:
+                n = os.splice(
+                    self.rfd, w, min(count, 1 << 20), flags=_SPLICE_F_MOVE | _SPLICE_F_NONBLOCK
+                )
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.rfd)
+        if n == 0:
+            raise TransportClosed("connection closed in the middle of a DATA payload")
+        self.bytes_received += n
+        left = n
+        pos = offset
+        while left:
+            m = os.splice(r, fd, left, offset_dst=None if offset < 0 else pos)
+            left -= m
+            pos += m
+        return n
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.wfd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.wfd)
+                continue
+            except OSError as e:
+                raise TransportClosed(f"send failed: {e.strerror or e}") from None
+            self.bytes_sent += n
+            view = view[n:]
+
+    async def send_file(self, fd: int, offset: int, count: int) -> int:
+        """sendfile ``count`` bytes of ``fd`` from ``offset``; fewer only at end of file."""
+        sent = 0
+        while sent < count:
+            try:
+                n = os.sendfile(self.wfd, fd, offset + sent, count - sent)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.wfd)
+                continue
+            except OSError as e:
+                if e.errno in (errno.EINVAL, errno.ENOSYS):
+                    n = await self._copy_file(fd, offset + sent, count - sent)
+                else:
+                    raise TransportClosed(f"send failed: {e.strerror or e}") from None
+            if n == 0:
+                break
+            self.bytes_sent += n
+            sent += n
+        return sent
+
+    async def _copy_file(self, fd: int, offset: int, count: int) -> int:
+        data = os.pread(fd, min(count, 1 << 20), offset)
+        await self.send_all(data)
+        self.bytes_sent -= len(data)  # counted by the caller
+        return len(data)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset) if offset >= 0 else os.write(fd, view)
+        view = view[n:]
+        if offset >= 0:
+            offset += n

@@ -627,6 +627,59 @@ async def test_passthrough_fd_is_shared_per_inode(fs: MirrorFS, backing: Path) -
     await fs.release(ro.fh)
 
 
+@pytest.mark.skipif(not ROOT, reason="reopening by file handle needs CAP_DAC_READ_SEARCH")
+async def test_inode_fds_are_parked_over_budget(backing: Path) -> None:
+    fs = MirrorFS(backing, max_inode_fds=64)
+    try:
+        assert fs._budget.enabled
+        (backing / "d").mkdir()
+        for i in range(400):
+            (backing / "d" / f"f{i}").write_bytes(b"%d" % i)
+        os.symlink("f0", backing / "d" / "sym")
+        d = (await fs.lookup(ROOT_INODE, b"d", CTX)).st_ino
+        sym = (await fs.lookup(d, b"sym", CTX)).st_ino
+        inos = [(await fs.lookup(d, b"f%d" % i, CTX)).st_ino for i in range(400)]
+        assert len(fs._budget.open) <= 64
+        # parked inodes come back transparently, for every kind of use
+        assert (await fs.getattr(inos[0], CTX)).st_size == 1
+        fi = await fs.open(inos[1], os.O_RDWR, CTX)
+        assert await fs.read(fi.fh, 0, 10) == b"1"
+        await fs.release(fi.fh)
+        assert await fs.readlink(sym, CTX) == b"f0"
+        await fs.setxattr(inos[2], b"user.k", b"v", CTX)
+        assert await fs.getxattr(inos[2], b"user.k", CTX) == b"v"
+        await fs.link(inos[3], ROOT_INODE, b"hard", CTX)
+        await fs.rename(d, b"f4", ROOT_INODE, b"moved", 0, CTX)
+        assert (backing / "moved").read_bytes() == b"4"
+        tok = Token()
+        dh = await fs.opendir(d, CTX)
+        await fs.readdir(dh, 0, tok)
+        await fs.releasedir(dh)
+        assert len(tok.entries) == 400  # 399 files + sym
+        for _ in range(3):  # reopening many parked inodes stays within budget too
+            for ino in inos:
+                await fs.getattr(ino, CTX)
+        assert len(fs._budget.open) <= 64 + 1
+        # a parked file deleted behind our back is stale, and a file reusing its number is new
+        old = inos[10]
+        ino = fs._inodes[old]
+        if not ino.parked:
+            ino.used = False
+            fs._budget.limit = 0
+            fs._budget.trim(None)
+            fs._budget.limit = 64
+        assert ino.parked
+        os.unlink(backing / "d" / "f10")
+        (backing / "d" / "new").write_bytes(b"")
+        new = (await fs.lookup(d, b"new", CTX)).st_ino
+        assert new != old  # even if ext4 handed the same inode number out again
+        with pytest.raises(FUSEError) as exc:
+            await fs.getattr(old, CTX)
+        assert errno_of(exc) == errno.ESTALE
+    finally:
+        fs.close()
+
+
 # -- change sink ----------------------------------------------------------------------------
 
 

@@ -18,6 +18,8 @@ __all__ = [
     "fallocate",
     "fchmod_empty",
     "fchown_empty",
+    "name_to_handle",
+    "open_by_handle",
     "renameat2",
     "utimens_empty",
 ]
@@ -118,3 +120,42 @@ def fchmod_empty(fd: int, mode: int) -> None:
             raise OSError(err, os.strerror(err))
         _have_fchmodat2 = False
     os.chmod(f"/proc/self/fd/{fd}", mode)
+
+
+# -- file handles: reopen an inode without holding an fd on it --------------------------------
+
+MAX_HANDLE_SZ = 128
+
+_name_to_handle_at = _libc.name_to_handle_at
+_name_to_handle_at.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_int),
+    ctypes.c_int,
+]
+_name_to_handle_at.restype = ctypes.c_int
+
+_open_by_handle_at = _libc.open_by_handle_at
+_open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_open_by_handle_at.restype = ctypes.c_int
+
+
+def name_to_handle(fd: int) -> bytes:
+    """The file handle (``struct file_handle`` as bytes) of what ``fd`` refers to."""
+    buf = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
+    ctypes.c_uint32.from_buffer(buf).value = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    _check(_name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH))
+    size = ctypes.c_uint32.from_buffer(buf).value
+    return buf.raw[: 8 + size]
+
+
+def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """Open the object ``handle`` names on the filesystem of ``mount_fd`` (needs
+    CAP_DAC_READ_SEARCH); ESTALE once the object is gone."""
+    fd: int = _open_by_handle_at(mount_fd, handle, flags)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd

@@ -91,6 +91,7 @@ _RENAME_FLAGS = 1 | 2 | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOU
 #: Flags never passed to the backing open(): O_NOFOLLOW would refuse the /proc/self/fd magic
 #: link (the kernel already resolved the path); O_DIRECT would demand aligned buffers; O_CREAT
 #: and O_EXCL are the kernel's business on open().
+_OPATH = os.O_PATH | os.O_CLOEXEC
 _STRIP_OPEN = os.O_NOFOLLOW | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 
 
@@ -125,10 +126,17 @@ class _Fields(Protocol):
 
 
 class _Inode:
-    """One backing inode the kernel holds a lookup reference to."""
+    """One backing inode the kernel holds a lookup reference to.
+
+    Normally it holds an O_PATH fd.  When the table has more fds than its budget, inodes used
+    least recently are *parked*: their fd is closed and they keep only a file handle, which
+    :attr:`fd` turns back into an fd on the next use (open_by_handle_at).
+    """
 
     __slots__ = (
-        "fd",
+        "_fd",
+        "budget",
+        "handle",
         "is_dir",
         "is_symlink",
         "key",
@@ -137,10 +145,14 @@ class _Inode:
         "nodeid",
         "nopen",
         "shared_fd",
+        "used",
     )
 
-    def __init__(self, fd: int, key: tuple[int, int], nodeid: int, mode: int) -> None:
-        self.fd = fd
+    def __init__(
+        self, fd: int, key: tuple[int, int], nodeid: int, mode: int, budget: _FdBudget
+    ) -> None:
+        self._fd = fd
+        self.budget = budget
         self.key = key
         self.nodeid = nodeid
         self.nlookup = 0
@@ -152,11 +164,123 @@ class _Inode:
         #: passthrough (opened on demand, closed with the last handle).
         self.nopen = 0
         self.shared_fd: int | None = None
+        #: File handle (None: not taken yet; b"": the filesystem has none, never park).
+        self.handle: bytes | None = None
+        self.used = True
+
+    @property
+    def fd(self) -> int:
+        """The O_PATH fd (reopened from the file handle if the inode was parked)."""
+        fd = self._fd
+        if fd >= 0:
+            self.used = True
+            return fd
+        return self.budget.reopen(self)
+
+    @property
+    def parked(self) -> bool:
+        return self._fd < 0
 
     @property
     def proc(self) -> str:
         """The /proc path that reaches this inode through its O_PATH fd."""
         return f"/proc/self/fd/{self.fd}"
+
+    def close(self) -> None:
+        """Close the fds this inode holds (it is being dropped)."""
+        if self._fd >= 0:
+            _close_quietly(self._fd)
+            self._fd = -1
+            self.budget.open.pop(self.nodeid, None)
+        if self.shared_fd is not None:
+            _close_quietly(self.shared_fd)
+            self.shared_fd = None
+
+
+class _FdBudget:
+    """Keeps the number of O_PATH fds the inode table holds under a limit.
+
+    The kernel keeps inodes until memory pressure, so a big tree (cp -a of 100,000 files) would
+    otherwise exhaust RLIMIT_NOFILE.  Over the limit, a clock sweep (second chance on
+    :attr:`_Inode.used`) parks inodes: their fd is closed and reopened by file handle when next
+    needed.  Parking needs CAP_DAC_READ_SEARCH and file handles (ext4, xfs, btrfs, tmpfs...);
+    without them the limit is not enforced.  Eviction only happens in :meth:`trim`, called when
+    an inode enters the table; callers hold no other table fd in a local across that call.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.enabled = False
+        #: Inodes holding an fd, in clock order (node id -> inode).
+        self.open: dict[int, _Inode] = {}
+        #: Per device: a readable fd on that filesystem, for open_by_handle_at.
+        self.anchors: dict[int, int] = {}
+
+    def enable(self, root_fd: int, dev: int) -> None:
+        """Turn parking on if this process can reopen files by handle."""
+        try:
+            anchor = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+        except OSError:
+            return
+        try:
+            os.close(_libc.open_by_handle(anchor, _libc.name_to_handle(root_fd), _OPATH))
+        except (OSError, AttributeError):
+            os.close(anchor)
+            return
+        self.anchors[dev] = anchor
+        self.enabled = True
+
+    def add_anchor(self, dev: int, dir_fd: int) -> None:
+        """A directory on a device not seen before (a submount): keep an anchor there."""
+        if self.enabled and dev not in self.anchors:
+            with contextlib.suppress(OSError):
+                self.anchors[dev] = os.open(
+                    ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd
+                )
+
+    def reopen(self, ino: _Inode) -> int:
+        anchor = self.anchors.get(ino.key[0])
+        if not ino.handle or anchor is None:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        fd = _libc.open_by_handle(anchor, ino.handle, _OPATH)
+        ino._fd = fd
+        ino.used = True
+        self.open[ino.nodeid] = ino
+        return fd
+
+    def trim(self, keep: _Inode | None) -> None:
+        """Park inodes until the table is comfortably under its limit."""
+        if len(self.open) <= self.limit or not self.enabled:
+            return
+        target = self.limit - max(16, self.limit // 16)
+        for _ in range(2):  # the first sweep may only clear "used" bits
+            for nodeid in list(self.open):
+                if len(self.open) <= target:
+                    return
+                ino = self.open[nodeid]
+                if ino is keep or ino.nodeid == ROOT_INODE or ino.key[0] not in self.anchors:
+                    continue
+                if ino.used:
+                    ino.used = False
+                    del self.open[nodeid]
+                    self.open[nodeid] = ino  # to the back of the clock
+                    continue
+                if ino.handle is None:
+                    try:
+                        ino.handle = _libc.name_to_handle(ino._fd)
+                    except OSError:
+                        ino.handle = b""
+                if not ino.handle:
+                    continue
+                os.close(ino._fd)
+                ino._fd = -1
+                del self.open[nodeid]
+
+    def close(self) -> None:
+        for fd in self.anchors.values():
+            _close_quietly(fd)
+        self.anchors.clear()
+        self.open.clear()
 
 
 class _Handle:
@@ -184,10 +308,17 @@ class _DirHandle:
 def _fuse_errors(
     fn: Callable[_P, Coroutine[Any, Any, _R]],
 ) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    """Turn any OSError a handler raises into the FUSEError the kernel should see."""
+    """Turn any OSError a handler raises into the FUSEError the kernel should see.
+
+    Also the safe point to park inode fds (no handler holds a table fd yet): reopening parked
+    inodes grows the table's fd count without bound otherwise.
+    """
 
     @functools.wraps(fn)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        budget: _FdBudget = args[0]._budget  # type: ignore[attr-defined]
+        if len(budget.open) > budget.limit:
+            budget.trim(None)
         try:
             return await fn(*args, **kwargs)
         except OSError as exc:
@@ -207,6 +338,7 @@ class MirrorFS(Operations):
         attr_timeout: float = 1.0,
         entry_timeout: float = 1.0,
         writeback: bool = False,
+        max_inode_fds: int | None = None,
     ) -> None:
         super().__init__()
         path = Path(backing)
@@ -237,7 +369,12 @@ class MirrorFS(Operations):
                 f"cannot read backing directory {str(path)!r}: {exc.strerror}"
             ) from None
 
-        _raise_fd_limit()
+        soft = _raise_fd_limit()
+        if max_inode_fds is None:
+            # leave a quarter for open files, directories being listed, the session's pipes
+            max_inode_fds = max(64, soft * 3 // 4)
+        self._budget = _FdBudget(max_inode_fds)
+        self._budget.enable(root_fd, st.st_dev)
         self.backing = path
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
@@ -251,7 +388,7 @@ class MirrorFS(Operations):
         self._dev = st.st_dev
         self._next_id = _COUNTER_BASE
 
-        root = _Inode(root_fd, (st.st_dev, st.st_ino), ROOT_INODE, st.st_mode)
+        root = _Inode(root_fd, (st.st_dev, st.st_ino), ROOT_INODE, st.st_mode, self._budget)
         root.nlookup = 1 << 62  # never forgotten
         self._root = root
         self._inodes: dict[int, _Inode] = {ROOT_INODE: root}
@@ -270,10 +407,11 @@ class MirrorFS(Operations):
             _close_quietly(h.fd)
         for d in self._dirs.values():
             _close_quietly(d.fd)
+        for ino in {id(h.inode): h.inode for h in self._handles.values()}.values():
+            ino.close()
         for ino in self._inodes.values():
-            _close_quietly(ino.fd)
-            if ino.shared_fd is not None:
-                _close_quietly(ino.shared_fd)
+            ino.close()
+        self._budget.close()
         self._handles.clear()
         self._dirs.clear()
         self._inodes.clear()
@@ -321,8 +459,8 @@ class MirrorFS(Operations):
         """Resolve ``name`` in ``parent`` and count one lookup reference to the result."""
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         inode = self._by_key.get((st.st_dev, st.st_ino))
-        if inode is None:
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        if inode is None or inode.parked:
+            fd = os.open(name, _OPATH | os.O_NOFOLLOW, dir_fd=parent.fd)
             try:
                 st = os.stat(fd)
             except BaseException:
@@ -339,11 +477,29 @@ class MirrorFS(Operations):
         key = (st.st_dev, st.st_ino)
         inode = self._by_key.get(key)
         if inode is not None:
-            os.close(fd)
-            return inode
-        inode = _Inode(fd, key, self._alloc_id(key), st.st_mode)
+            if not inode.parked:
+                os.close(fd)
+                return inode
+            # A parked inode holds no fd, so its number may have been reused for another file.
+            try:
+                same = bool(inode.handle) and _libc.name_to_handle(fd) == inode.handle
+            except OSError:
+                same = False
+            if same:
+                inode._fd = fd
+                inode.used = True
+                self._budget.open[inode.nodeid] = inode
+                return inode
+            del self._by_key[key]  # the old one is gone: it answers ESTALE from now on
+        inode = _Inode(fd, key, self._alloc_id(key), st.st_mode, self._budget)
         self._inodes[inode.nodeid] = inode
         self._by_key[key] = inode
+        budget = self._budget
+        budget.open[inode.nodeid] = inode
+        if inode.is_dir and key[0] != self._dev:
+            budget.add_anchor(key[0], fd)
+        if len(budget.open) > budget.limit:
+            budget.trim(inode)
         return inode
 
     def _forget_one(self, nodeid: int, n: int) -> None:
@@ -360,7 +516,8 @@ class MirrorFS(Operations):
             if self._children.get((parent.nodeid, name)) is inode:
                 del self._children[(parent.nodeid, name)]
         inode.names.clear()
-        _close_quietly(inode.fd)
+        if inode.nopen == 0:
+            inode.close()
 
     # -- names and paths (only when a sink is configured) -----------------------------------
 
@@ -455,7 +612,7 @@ class MirrorFS(Operations):
         return inode, st
 
     def _open_path(self, parent: _Inode, name: bytes) -> int:
-        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        return os.open(name, _OPATH | os.O_NOFOLLOW, dir_fd=parent.fd)
 
     async def _created(
         self,
@@ -736,7 +893,7 @@ class MirrorFS(Operations):
         fl = self._open_flags(flags) | os.O_CREAT | (flags & os.O_EXCL)
         fd = os.open(name, fl, perm, dir_fd=parent.fd)
         try:
-            pfd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            pfd = os.open(f"/proc/self/fd/{fd}", _OPATH)
             inode, st = self._settle_new(parent, pfd, perm, ctx)
         except BaseException:
             os.close(fd)
@@ -794,9 +951,12 @@ class MirrorFS(Operations):
             return
         ino = h.inode
         ino.nopen -= 1
-        if ino.nopen == 0 and ino.shared_fd is not None:
-            _close_quietly(ino.shared_fd)
-            ino.shared_fd = None
+        if ino.nopen == 0:
+            if self._inodes.get(ino.nodeid) is not ino:
+                ino.close()  # forgotten while open: nothing else will close its fds
+            elif ino.shared_fd is not None:
+                _close_quietly(ino.shared_fd)
+                ino.shared_fd = None
         os.close(h.fd)
 
     @_fuse_errors
@@ -1031,12 +1191,16 @@ def _has_default_acl(d: _Inode) -> bool:
         return False
 
 
-def _raise_fd_limit() -> None:
-    """Allow as many fds as the hard limit: we hold one per inode the kernel caches."""
+def _raise_fd_limit() -> int:
+    """Allow as many fds as the hard limit (we hold one per cached inode); the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         with contextlib.suppress(OSError, ValueError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return soft
 
 
 def _groups(pid: int) -> set[int]:

@@ -300,10 +300,28 @@ def open_wire_target(
                     yield target
                     await target.close()
                     nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise _single_target_error(group) from None
             finally:
                 transport.close()
 
     return factory
+
+
+def _single_target_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The TargetError of a group that holds nothing else (else the group itself)."""
+    match, rest = group.split(TargetError)
+    if rest is None and match is not None:
+        leaves = list(_leaves(match))
+        if leaves:
+            return leaves[0]
+    return group
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for x in e.exceptions for leaf in _leaves(x)]
+    return [e]
 
 
 async def _handshake(target: WireTarget) -> None:
@@ -399,6 +417,9 @@ class ReplicationSink:
         self._last_sync = 0.0
         self._barrier_seq = 0
         self.needs_repair = repair_at_start
+        #: a comparison is under way
+        self.repairing = False
+        self._durable_acks = trio.Event()
         self._last_repair = -math.inf
         self.repairs = 0
         self.connected = False
@@ -540,6 +561,13 @@ class ReplicationSink:
             _close_quietly(src.fd)
             self._open_sources -= 1
 
+    @property
+    def caught_up(self) -> bool:
+        """Everything recorded so far is durable on the target and no repair is pending."""
+        return (
+            self.durable_seq >= self.log.last_seq and not self.needs_repair and not self.repairing
+        )
+
     def _release(self, src: _Source) -> None:
         src.refs -= 1
         if src.refs == 0 and not src.cached:
@@ -590,6 +618,7 @@ class ReplicationSink:
             try:
                 async with self.factory() as target:
                     self.connected = True
+                    self.repairing = False
                     backoff = MIN_BACKOFF
                     log.info("replicating to %s", target.name)
                     self._write_status()
@@ -602,6 +631,9 @@ class ReplicationSink:
                 )
             finally:
                 self.connected = False
+                if self.repairing:  # interrupted: do it again
+                    self.repairing = False
+                    self.needs_repair = True
             self._write_status()
             await trio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, MAX_BACKOFF)
@@ -627,6 +659,7 @@ class ReplicationSink:
             self.applied_seq = max(self.applied_seq, ack.seq)
             if ack.durable:
                 self._durable(ack.seq)
+                self._durable_acks.set()
 
     def _durable(self, seq: int) -> None:
         if seq <= self.durable_seq:
@@ -749,6 +782,7 @@ class ReplicationSink:
     async def _repair(self, target: Target) -> None:
         """Compare the trees and send what differs (the initial sync, and divergence repair)."""
         self.needs_repair = False
+        self.repairing = True
         self.repairs += 1
         self._last_repair = time.monotonic()
         started = time.monotonic()
@@ -760,7 +794,10 @@ class ReplicationSink:
         for d in diffs:
             if await self._fix(target, seq, d):
                 fixed += 1
+        self._durable_acks = trio.Event()
         await self._request_sync(target)
+        await self._durable_acks.wait()  # the replica holds the repair
+        self.repairing = False
         log.info(
             "%s: compared %d objects, %d differed, fixed %d in %.2f s",
             self.name,
@@ -891,7 +928,7 @@ class ReplicationSink:
             "durable_seq": self.durable_seq,
             "bytes_sent": self.bytes_sent,
             "repairs": self.repairs,
-            "needs_repair": self.needs_repair,
+            "needs_repair": self.needs_repair or self.repairing,
             "failed_changes": self.failed_changes,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,

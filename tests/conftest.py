@@ -9,6 +9,8 @@
 - ``test_user``: the name of a non-root user (``fusefs-test``, created if missing) that can run
   this interpreter with fusefs importable and open /dev/fuse (made 0666 while the tests run,
   as on a desktop); for unprivileged (fusermount3) tests.  Needs root.
+- ``subreaper``: this process adopts orphans (a daemonized fusefs), so
+  ``tests.mounting.wait_pid(pid)`` reads the daemon's exit status.
 - ``mount_factory(backing=None, mountpoint=None, *, options=(), session=None, user=None,
   args=(), start=True)``: more mounts, or custom ``-o`` options; all torn down at the end.
 
@@ -37,6 +39,7 @@ from tests.mounting import (  # noqa: E402
     ensure_test_user,
     fuse_device_usable_by_all,
     python_usable_by,
+    set_child_subreaper,
 )
 
 MOUNT_FIXTURES = frozenset({"mnt", "mnt_handle", "mount_factory"})
@@ -121,3 +124,13 @@ def test_user() -> Iterator[str]:
     ensure_test_user(TEST_USER)
     with python_usable_by(TEST_USER), fuse_device_usable_by_all():
         yield TEST_USER
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """Adopt orphaned descendants (a daemonized fusefs) so ``wait_pid`` gets their status."""
+    set_child_subreaper(True)
+    try:
+        yield
+    finally:
+        set_child_subreaper(False)

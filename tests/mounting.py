@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import os
 import pwd
 import shutil
@@ -78,6 +79,14 @@ def _stat_with_timeout(path: Path, timeout: float) -> BaseException | None:
         return e
     finally:
         pool.shutdown(wait=False)
+
+
+def _stat_as(user: str, path: Path, timeout: float) -> BaseException | None:
+    try:
+        result = run_as(user, ["stat", "--", str(path)], timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return e
+    return None if result.returncode == 0 else OSError(result.stderr.strip())
 
 
 def _run_quietly(cmd: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str] | None:
@@ -159,7 +168,11 @@ class Mount:
             time.sleep(0.02)
         info = find_mount(os.fspath(self.mountpoint))
         self.connection = info.minor if info is not None else None
-        problem = _stat_with_timeout(self.mountpoint, max(deadline - time.monotonic(), 1.0))
+        remaining = max(deadline - time.monotonic(), 1.0)
+        if self.user is None:
+            problem = _stat_with_timeout(self.mountpoint, remaining)
+        else:  # without allow_other, only the mounting user may look (root included)
+            problem = _stat_as(self.user, self.mountpoint, remaining)
         if problem is not None:
             self._fail(f"the mount does not answer stat(): {problem!r}")
         return self
@@ -275,6 +288,31 @@ class Mount:
 
 def have_fusermount() -> bool:
     return shutil.which("fusermount3") is not None
+
+
+# -- daemons that are not our children -------------------------------------------------------
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def set_child_subreaper(on: bool) -> None:
+    """Become (or stop being) the reaper of orphaned descendants, e.g. a double-forked daemon,
+    so that :func:`wait_pid` can read its exit status."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def wait_pid(pid: int, timeout: float) -> int | None:
+    """Exit status of our child (or reaped orphan) ``pid``; None if still running at timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
 
 
 # -- an unprivileged user ----------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -10,8 +9,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +23,8 @@ from tests.mounting import (
     is_mounted,
     run_as,
     user_tmpdir,
+    wait_pid,
 )
-
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def run_fusefs(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -258,28 +254,6 @@ def test_nonempty_option_allows_it(
     assert sorted(os.listdir(mountpoint)) == ["hello.txt", "link", "sub"]
     assert mount.unmount() == 0
     assert (mountpoint / "hidden").read_text() == "underneath"
-
-
-@pytest.fixture
-def subreaper() -> Iterator[None]:
-    """Orphaned grandchildren (the daemon) become our children, so their status is ours to read."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    try:
-        yield
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
-def wait_pid(pid: int, timeout: float) -> int | None:
-    """Exit status of our child ``pid`` (None on timeout)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.02)
-    return None
 
 
 @pytest.mark.mount

@@ -174,6 +174,11 @@ def find_mount(mountpoint: str) -> MountInfo | None:
 
 def check_mountpoint(mountpoint: str, *, nonempty: bool = False) -> str:
     """Check that ``mountpoint`` can be mounted on; return its resolved absolute path."""
+    # mountinfo first: stat() of a FUSE mount whose daemon does not answer would block.
+    if find_mount(mountpoint) is not None:
+        raise AlreadyMountedError(
+            f"mount point {mountpoint} is already a mount point; unmount it first"
+        )
     try:
         st = os.stat(mountpoint)
     except FileNotFoundError:
@@ -369,8 +374,11 @@ def unmount(mountpoint: str, *, lazy: bool = False, via_fusermount: bool | None 
 def set_read_ahead(mountpoint: str, kb: int) -> bool:
     """Set the read-ahead of the mount's bdi to ``kb`` KiB (best effort; True if done).
 
-    Call it once the session serves requests: it stat()s the mount root.
+    Call it once the session serves requests: it stat()s the mount root.  Only root may.
     """
+    if os.geteuid() != 0:
+        log.debug("not root: leaving read_ahead_kb of %s at the kernel default", mountpoint)
+        return False
     try:
         st = os.stat(mountpoint)
         bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"

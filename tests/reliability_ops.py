@@ -671,6 +671,29 @@ FD_OPS = frozenset({"close", "pread", "pwrite", "read", "write", "lseek", "ftrun
 MAX_DEPTH = 3
 
 
+def sanitize(op: Op, avoid: frozenset[str]) -> Op | None:
+    """``op`` without what ``avoid`` leaves out (None: leave the whole operation out).  For
+    operations not made by :class:`Generator` (hypothesis rules)."""
+    name = op[0]
+    if name in avoid:
+        return None
+    if name == "open" and "append-writeback" in avoid:
+        return (*op[:3], op[3] & ~os.O_APPEND, *op[4:])
+    if name == "setxattr" and "setxattr-flags" in avoid:
+        return (*op[:5], 0)
+    if name == "lseek" and "seek-data" in avoid and op[3] in (os.SEEK_DATA, os.SEEK_HOLE):
+        return None
+    if "passthrough-reopen" in avoid and any(slot != 0 for slot in _slots_of(op)):
+        return None  # one open file at a time
+    return op
+
+
+def _slots_of(op: Op) -> tuple[int, ...]:
+    if op[0] == "copy_file_range":
+        return (op[1], op[3])
+    return (op[1],) if op[0] in FD_OPS or op[0] == "open" else ()
+
+
 def _open_flags(r: random.Random, avoid: frozenset[str]) -> int:
     flags = r.choice((os.O_RDONLY, os.O_WRONLY, os.O_RDWR, os.O_RDWR, os.O_RDWR))
     for bit, p in (

@@ -1305,13 +1305,12 @@ def test_locks_between_processes(twin: Twin) -> None:
             r.note("posix held: child 50+10", try_in_child(path, "50:10"))
             r.note("posix held: child 100+100", try_in_child(path, "100:100"))
             r.note("posix held: child 0+0 (all)", try_in_child(path, "0:0"))
-            # what the lock looks like to F_GETLK from this process: no conflict with itself
             fcntl.lockf(fd, fcntl.LOCK_UN, 100, 0)
             r.note("posix released: child 50+10", try_in_child(path, "50:10"))
             # closing any fd of the file drops this process's POSIX locks
             fcntl.lockf(fd, fcntl.LOCK_EX, 0, 0)
-            other = os.open(path, os.O_RDONLY)
-            os.close(other)
+            other = r.open("lockme", os.O_RDONLY)
+            r.fd("close", other)
             r.note("posix after close of another fd: child", try_in_child(path, "0:0"))
         finally:
             os.close(fd)
@@ -1330,6 +1329,11 @@ def _drop_caches() -> None:
         f.write("2\n")
 
 
+def _forgets(mnt: Path) -> int:
+    requests = stats_of(mnt)["requests"]
+    return int(requests.get("FORGET", 0)) + int(requests.get("BATCH_FORGET", 0))
+
+
 def test_inode_numbers_stable_across_lookups(twin: Twin) -> None:
     mnt = twin.mnt
     (mnt / "d").mkdir()
@@ -1340,7 +1344,10 @@ def test_inode_numbers_stable_across_lookups(twin: Twin) -> None:
     first = [os.stat(p).st_ino for p in paths]
     assert first[2] == first[3], "hard links must share st_ino on the mount"
     assert len(set(first)) == 3
+    forgets = _forgets(mnt) if twin.session == "fusefs" else 0
     _drop_caches()
+    if twin.session == "fusefs":  # the kernel really forgot the inodes (and looks them up anew)
+        assert _forgets(mnt) > forgets
     second = [os.stat(p).st_ino for p in paths]
     assert second == first
     # readdir reports the same numbers as stat
@@ -1501,3 +1508,57 @@ def test_other_user_allow_other_default_permissions(
     )
     assert_same_trees(mountpoint, plain)
     assert_same_trees(mountpoint, backing, "mount vs its backing directory")
+
+
+def test_unprivileged_write_clears_setid_bits(
+    mount_factory: Any, public_dirs: tuple[Path, Path, Path], variant: str
+) -> None:
+    """A write or truncate by a user without CAP_FSETID clears set-user-ID and set-group-ID."""
+    backing, mountpoint, plain = public_dirs
+    mount_factory(
+        backing, mountpoint, options=["allow_other,default_permissions", *VARIANTS[variant][1]]
+    )
+    for root in (mountpoint, plain):
+        os.chmod(root, 0o777)
+        for name in ("w", "t", "rootw"):
+            (root / name).write_bytes(b"0123456789")
+            os.chown(root / name, NOBODY, NOBODY)
+            os.chmod(root / name, 0o6777)
+
+    def scenario(r: Rec) -> None:
+        fd = r.open("w", os.O_WRONLY)
+        r.fd("pwrite", fd, b"x", 3)
+        r.fd("close", fd)
+        r.os("stat", "w")
+        r.os("truncate", "t", 4)
+        r.os("stat", "t")
+        # the bits set while the file is already open for writing
+        fd = r.open("late", os.O_WRONLY | os.O_CREAT, 0o644)
+        r.fd("write", fd, b"first")
+        r.os("chmod", "late", 0o6777)
+        r.fd("write", fd, b"second")
+        r.fd("fstat", fd)
+        r.fd("close", fd)
+        r.os("stat", "late")
+
+    def as_nobody(root: Path) -> list[tuple[str, Any]]:
+        def run() -> list[tuple[str, Any]]:
+            r = Rec(root)
+            scenario(r)
+            return r.log
+
+        log: list[tuple[str, Any]] = in_child(run, uid=NOBODY, gid=NOBODY)
+        return log
+
+    assert_same_logs(as_nobody(mountpoint), as_nobody(plain))
+    # root (CAP_FSETID) keeps the bits
+    logs = []
+    for root in (mountpoint, plain):
+        r = Rec(root)
+        fd = r.open("rootw", os.O_WRONLY)
+        r.fd("pwrite", fd, b"x", 3)
+        r.fd("close", fd)
+        r.os("stat", "rootw")
+        logs.append(r.log)
+    assert_same_logs(*logs)
+    assert_same_trees(mountpoint, plain)

@@ -625,6 +625,15 @@ async def test_passthrough_fd_is_shared_per_inode(fs: MirrorFS, backing: Path) -
     ro = await fs.open(ino, os.O_RDONLY, CTX)
     assert fs.passthrough_fd(ro.fh) is not None
     await fs.release(ro.fh)
+    # set-ID files: writes must be seen (to clear the bits), and every open agrees
+    os.chmod(backing / "f", 0o4755)
+    a = await fs.open(ino, os.O_RDWR, CTX)
+    assert fs.passthrough_fd(a.fh) is None
+    os.chmod(backing / "f", 0o755)
+    b = await fs.open(ino, os.O_RDONLY, CTX)
+    assert fs.passthrough_fd(b.fh) is None  # no mixing with the open without passthrough
+    await fs.release(a.fh)
+    await fs.release(b.fh)
 
 
 @pytest.mark.skipif(not ROOT, reason="reopening by file handle needs CAP_DAC_READ_SEARCH")

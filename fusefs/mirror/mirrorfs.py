@@ -988,13 +988,23 @@ class MirrorFS(Operations):
         on an inode.  So every open of an inode gets the same fd, opened read-write (read-only
         if that is all the backing file allows) and kept while any handle is open: a session
         registers it once per fd and reuses the backing id.  With a change sink every answer
-        is None, since the sink must see the writes and mixing is not allowed.
+        is None, since the sink must see the writes and mixing is not allowed.  Files with
+        set-ID bits get None too, so that writes reach the session, which clears the bits.
         """
         h = self._handles.get(fh)
         if h is None or self._track:
             return None
         ino = h.inode
         if ino.shared_fd is None:
+            if ino.nopen > 1:
+                return None  # others opened without passthrough: stay consistent
+            try:
+                if os.stat(h.fd).st_mode & (stat.S_ISUID | stat.S_ISGID):
+                    # Writes must reach the session so it can clear set-ID bits the way the
+                    # kernel would (HANDLE_KILLPRIV_V2); passthrough writes would bypass it.
+                    return None
+            except OSError:
+                return None
             try:
                 ino.shared_fd = os.open(ino.proc, os.O_RDWR | os.O_CLOEXEC)
             except OSError:

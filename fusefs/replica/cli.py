@@ -1,0 +1,525 @@
+"""Command-line pieces of replication, for fusefs/cli.py to wire in.
+
+- :func:`add_subcommands` adds ``serve``, ``restore``, ``verify`` and ``status``;
+- :func:`add_mount_arguments` adds ``--target``, ``--key-file``, ``--replicate``,
+  ``--replica-log-dir`` and ``--source`` to ``fusefs mount``;
+- :func:`make_sink` turns those into the mirror's change sink (call it in the process that
+  serves the mount, i.e. after daemonizing: it starts a thread), and :func:`close_sink` at exit.
+
+Until then ``python -m fusefs.replica.cli COMMAND ...`` runs the subcommands.  Errors are one
+line (``fusefs: error: ...``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import stat
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from fusefs.errors import FusefsError
+from fusefs.mirror.changes import Change, ChangeSink
+from fusefs.replica import wire as w
+from fusefs.replica.client import (
+    ReplicationSink,
+    describe_error,
+    open_wire_target,
+    parse_hostport,
+)
+from fusefs.replica.server import DEFAULT_MAX_CONNECTIONS, serve
+from fusefs.replica.target import Target, TargetError
+from fusefs.replica.tree import checksum_fd, differences, walk
+
+__all__ = [
+    "FanoutSink",
+    "KeyFileError",
+    "ReplicaUsageError",
+    "add_mount_arguments",
+    "add_subcommands",
+    "close_sink",
+    "main",
+    "make_sink",
+    "read_key",
+]
+
+log = logging.getLogger("fusefs")
+
+
+class KeyFileError(FusefsError):
+    """The shared key file is missing, unreadable or empty."""
+
+
+class ReplicaUsageError(FusefsError):
+    """A replication argument is malformed."""
+
+
+class StatusUnavailableError(FusefsError):
+    """No replication status is known for a mount point."""
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def read_key(path: str) -> bytes:
+    """The shared key (the file's bytes, surrounding whitespace removed)."""
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} does not exist") from None
+    except OSError as e:
+        raise KeyFileError(f"cannot read key file {path}: {e.strerror}") from None
+    if len(key) < 16:
+        raise KeyFileError(f"key file {path} holds fewer than 16 bytes; use a longer secret")
+    return key
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text)
+    except ValueError as e:
+        raise ReplicaUsageError(str(e)) from None
+
+
+def _source_name(text: str | None) -> bytes:
+    name = (text or os.uname().nodename or "fusefs").encode()
+    if not name or len(name) > 64 or b"/" in name or name in (b".", b".."):
+        raise ReplicaUsageError(f"unusable source name {name.decode(errors='replace')!r}")
+    return name
+
+
+def _state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/fusefs/replica"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "fusefs", "replica")
+
+
+def _run_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/fusefs"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp", "fusefs")
+
+
+def _registry_path(mountpoint: str) -> str:
+    digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(_run_dir(), f"replica-{digest}.json")
+
+
+def default_log_dir(backing: str, target: str) -> str:
+    """Where a mount of ``backing`` keeps its log for ``target`` (outside BACKING)."""
+    digest = hashlib.sha256(f"{os.path.realpath(backing)}\0{target}".encode()).hexdigest()[:16]
+    base = os.path.basename(os.path.normpath(backing)) or "root"
+    return os.path.join(_state_dir(), f"{base}-{digest}")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# -- mount integration -------------------------------------------------------------------------
+
+
+def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--target``, ``--key-file``, ``--replicate``, ``--replica-log-dir``, ``--source``."""
+    g = parser.add_argument_group("replication (see docs/replication.md)")
+    g.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        action="append",
+        default=[],
+        help="replicate every change to 'fusefs serve' at HOST:PORT (repeatable)",
+    )
+    g.add_argument("--key-file", metavar="FILE", help="the shared secret for --target")
+    g.add_argument(
+        "--replicate",
+        choices=("async", "sync"),
+        default="async",
+        help="async: changes are logged durably and shipped in the background (default); "
+        "sync: fsync and close also wait until the target holds the data durably",
+    )
+    g.add_argument(
+        "--replica-log-dir",
+        metavar="DIR",
+        help=f"where the log of unacknowledged changes lives (default: under {_state_dir()}; "
+        "one subdirectory per target)",
+    )
+    g.add_argument(
+        "--source",
+        metavar="NAME",
+        help="this mount's name on the target (default: the host name)",
+    )
+
+
+class FanoutSink:
+    """Reports every change to several sinks (one per target), in order."""
+
+    def __init__(self, sinks: Sequence[ReplicationSink]) -> None:
+        self.sinks = list(sinks)
+
+    async def record(self, change: Change) -> None:
+        for s in self.sinks:
+            await s.record(change)
+
+    async def barrier(self) -> None:
+        for s in self.sinks:
+            await s.barrier()
+
+    def close(self, drain_timeout: float = 5.0) -> None:
+        for s in self.sinks:
+            s.close(drain_timeout)
+
+
+def make_sink(args: argparse.Namespace, backing: str) -> ChangeSink | None:
+    """The change sink for ``fusefs mount`` (None without ``--target``); starts replicating.
+
+    Call it in the serving process (after any fork), pass it as ``MirrorFS(changes=...)``,
+    and call :func:`close_sink` once the session ended.
+    """
+    targets: list[str] = list(getattr(args, "target", None) or [])
+    if not targets:
+        return None
+    if not getattr(args, "key_file", None):
+        raise ReplicaUsageError("--target needs --key-file (the secret shared with the target)")
+    key = read_key(args.key_file)
+    source = _source_name(getattr(args, "source", None))
+    mode = getattr(args, "replicate", "async") or "async"
+    sinks = []
+    for text in targets:
+        host, port = _hostport(text)
+        name = f"{host}:{port}"
+        if args.replica_log_dir:
+            log_dir = os.path.join(args.replica_log_dir, name.replace(":", "_").replace("/", "_"))
+        else:
+            log_dir = default_log_dir(backing, name)
+        sink = ReplicationSink(
+            backing, log_dir, open_wire_target(host, port, key, source), name=name, mode=mode
+        )
+        sink.start()
+        sinks.append(sink)
+    mountpoint = getattr(args, "mountpoint", None)
+    if mountpoint:
+        _register(mountpoint, backing, [s.log.dir for s in sinks])
+    return sinks[0] if len(sinks) == 1 else FanoutSink(sinks)
+
+
+def close_sink(sink: ChangeSink | None, mountpoint: str | None = None) -> None:
+    """Stop replicating (after the session ended); the log keeps what is not yet acked."""
+    if isinstance(sink, ReplicationSink | FanoutSink):
+        sink.close()
+    if mountpoint:
+        with contextlib.suppress(OSError):
+            os.unlink(_registry_path(mountpoint))
+
+
+def _register(mountpoint: str, backing: str, log_dirs: list[str]) -> None:
+    path = _registry_path(mountpoint)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(
+                {
+                    "mountpoint": os.path.realpath(mountpoint),
+                    "backing": backing,
+                    "log_dirs": log_dirs,
+                    "pid": os.getpid(),
+                },
+                f,
+            )
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot write %s (fusefs status will not find this mount): %s", path, e)
+
+
+# -- subcommands -------------------------------------------------------------------------------
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add ``serve``, ``restore``, ``verify`` and ``status`` to the ``fusefs`` parser."""
+    p = subparsers.add_parser(
+        "serve",
+        help="receive replication into REPLICA_DIR",
+        description="Receive live replication from 'fusefs mount --target' and apply it to "
+        "REPLICA_DIR.  Peers authenticate with the shared key (never sent over the wire).",
+    )
+    p.add_argument("replica_dir", metavar="REPLICA_DIR")
+    p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:7411")
+    p.add_argument("--key-file", metavar="FILE", required=True)
+    p.add_argument("--stdio", action="store_true", help="serve one connection on stdin/stdout")
+    p.add_argument("--max-connections", metavar="N", type=int, default=DEFAULT_MAX_CONNECTIONS)
+    p.add_argument(
+        "--subtree-per-source",
+        action="store_true",
+        help="keep each source (mount) in REPLICA_DIR/<source name>",
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser(
+        "restore",
+        help="copy a replica back into DIR",
+        description="Copy the replica held by the target into DIR (empty or new).",
+    )
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--target", metavar="HOST:PORT", required=True)
+    p.add_argument("--key-file", metavar="FILE", required=True)
+    p.add_argument("--source", metavar="NAME", help="the source name (default: the host name)")
+    p.set_defaults(func=cmd_restore)
+
+    p = subparsers.add_parser(
+        "verify",
+        help="compare BACKING with its replica (exit 0 only when identical)",
+        description="Compare BACKING with the replica held by the target: types, modes, "
+        "owners, extended attributes, symlink targets, file sizes, modification times and "
+        "contents (SHA-256).  Lists every difference; exit status 0 only when there is none.",
+    )
+    p.add_argument("backing", metavar="BACKING")
+    p.add_argument("--target", metavar="HOST:PORT", required=True)
+    p.add_argument("--key-file", metavar="FILE", required=True)
+    p.add_argument("--source", metavar="NAME", help="the source name (default: the host name)")
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser(
+        "status",
+        help="replication state of a mount",
+        description="Show whether a mount's replication is connected, what is pending and "
+        "the last error.",
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
+    key = read_key(args.key_file)
+    host, port = _hostport(args.listen)
+    if args.max_connections < 1:
+        raise ReplicaUsageError("--max-connections must be at least 1")
+    try:
+        os.makedirs(args.replica_dir, exist_ok=True)
+        if not os.path.isdir(args.replica_dir):
+            raise ReplicaUsageError(f"{args.replica_dir} is not a directory")
+    except OSError as e:
+        raise ReplicaUsageError(f"cannot use {args.replica_dir}: {e.strerror}") from None
+    try:
+        trio.run(
+            lambda: serve(
+                args.replica_dir,
+                key,
+                (host, port),
+                stdio=args.stdio,
+                max_connections=args.max_connections,
+                subtree_per_source=args.subtree_per_source,
+            )
+        )
+    except OSError as e:
+        raise ReplicaUsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    host, port = _hostport(args.target)
+    return open_wire_target(host, port, read_key(args.key_file), _source_name(args.source))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    backing = args.backing
+    if not os.path.isdir(backing):
+        raise ReplicaUsageError(f"{backing} is not a directory")
+    factory = _connect(args)
+    problems = _run(lambda: _verify(backing, factory))
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} difference(s)", file=sys.stderr)
+        return 1
+    print("identical")
+    return 0
+
+
+def _run(fn: Any) -> Any:
+    try:
+        return trio.run(fn)
+    except TargetError:
+        raise
+    except BaseExceptionGroup as e:
+        raise TargetError(describe_error(e)) from None
+
+
+async def _verify(backing: str, factory: Any) -> list[str]:
+    fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        ours = {e.path: e for e in await trio.to_thread.run_sync(lambda: list(walk(fd)))}
+        async with factory() as target:
+            theirs = await target.list_tree()
+            owners = os.geteuid() == 0
+            out = []
+            for d in differences(ours, theirs, owners=owners):
+                out.append(f"{d.kind}: {os.fsdecode(d.path)}")
+            # same size and mtime is not enough here: compare every regular file's contents
+            for path, s in ours.items():
+                r = theirs.get(path)
+                if r is None or not stat.S_ISREG(s.mode) or not stat.S_ISREG(r.mode):
+                    continue
+                if s.size != r.size:
+                    continue  # already listed
+                if not await _same_content(fd, target, path, s.size):
+                    line = f"content: {os.fsdecode(path)}"
+                    if line not in out:
+                        out.append(line)
+            return out
+    finally:
+        os.close(fd)
+
+
+async def _same_content(dir_fd: int, target: Target, path: bytes, size: int) -> bool:
+    bs = max(size, 1)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        _, ours = await trio.to_thread.run_sync(checksum_fd, fd, bs)
+    finally:
+        os.close(fd)
+    found, _, theirs = await target.checksum(path, bs)
+    return found and theirs == ours
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    dest = args.dir
+    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise ReplicaUsageError(f"{dest} must be an empty directory or not exist yet")
+    os.makedirs(dest, exist_ok=True)
+    factory = _connect(args)
+    n = _run(lambda: _restore(dest, factory))
+    print(f"restored {n} object(s) into {dest}")
+    return 0
+
+
+async def _restore(dest: str, factory: Any) -> int:
+    from fusefs.mirror import changes as ch
+    from fusefs.replica.apply import ReplicaDir
+
+    count = 0
+    with ReplicaDir(dest) as out:
+        async with factory() as target:
+            entries = await target.list_tree()
+            for path, e in entries.items():  # parents first
+                perm = stat.S_IMODE(e.mode)
+                if path != b".":
+                    if stat.S_ISDIR(e.mode):
+                        out.apply(ch.Mkdir(path, perm, e.uid, e.gid))
+                    elif stat.S_ISREG(e.mode):
+                        out.apply(ch.Create(path, perm, e.uid, e.gid))
+                        fd = out.open_for_write(path)
+                        assert fd is not None
+                        try:
+                            off = 0
+                            while off < e.size:
+                                n = await target.read_range(
+                                    path, off, min(w.MAX_DATA, e.size - off), fd
+                                )
+                                if n == 0:
+                                    break
+                                off += n
+                        finally:
+                            os.close(fd)
+                    elif stat.S_ISLNK(e.mode):
+                        out.apply(ch.Symlink(path, e.target, e.uid, e.gid))
+                    else:
+                        out.apply(ch.Mknod(path, e.mode, e.rdev, e.uid, e.gid))
+                for name, value in e.xattrs:
+                    out.apply(ch.SetXattr(path, name, value))
+                count += 1
+            # modes and times last (a read-only directory must still receive its children)
+            for path, e in reversed(list(entries.items())):
+                out.apply(
+                    ch.SetAttr(
+                        path,
+                        mode=None if stat.S_ISLNK(e.mode) else stat.S_IMODE(e.mode),
+                        uid=e.uid if os.geteuid() == 0 else None,
+                        gid=e.gid if os.geteuid() == 0 else None,
+                        mtime_ns=e.mtime_ns,
+                    )
+                )
+    return count
+
+
+def read_status(mountpoint: str) -> list[dict[str, Any]]:
+    """The replication status of each target of the mount on ``mountpoint``."""
+    path = _registry_path(mountpoint)
+    try:
+        with open(path) as f:
+            reg = json.load(f)
+    except FileNotFoundError:
+        raise StatusUnavailableError(
+            f"{mountpoint} is not a fusefs mount with a replication target"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise StatusUnavailableError(f"cannot read {path}: {e}") from None
+    out = []
+    for d in reg.get("log_dirs", []):
+        try:
+            with open(os.path.join(d, "status.json")) as f:
+                out.append(json.load(f))
+        except (OSError, ValueError) as e:
+            out.append({"log_dir": d, "last_error": f"no status: {e}"})
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    states = read_status(args.mountpoint)
+    if args.json:
+        print(json.dumps(states, indent=2, sort_keys=True))
+        return 0
+    now = time.time()
+    for s in states:
+        age = now - float(s.get("updated", now))
+        print(f"target {s.get('target', '?')} ({s.get('mode', '?')})")
+        print(f"  connected      {'yes' if s.get('connected') else 'no'}")
+        print(f"  ops pending    {s.get('ops_pending', '?')}")
+        print(f"  bytes pending  {s.get('bytes_pending', '?')}")
+        print(f"  lag            {s.get('lag_seconds', '?')} s")
+        print(f"  last error     {s.get('last_error') or '-'}")
+        if age > 5:
+            print(f"  (status is {age:.0f} s old: is the mount still running?)")
+    return 0
+
+
+# -- standalone entry point (until fusefs/cli.py wires these in) --------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fusefs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommands(sub)
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.func(args)
+        return status
+    except FusefsError as e:
+        print(f"fusefs: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

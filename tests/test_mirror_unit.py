@@ -239,9 +239,10 @@ async def test_open_trunc_and_append(fs: MirrorFS, backing: Path) -> None:
     (backing / "f").write_bytes(b"0123456789")
     ino = (await fs.lookup(ROOT_INODE, b"f", CTX)).st_ino
     fi = await fs.open(ino, os.O_WRONLY | os.O_APPEND, CTX)
-    await fs.write(fi.fh, 0, b"ab")  # O_APPEND: lands at the end whatever the offset
+    await fs.write(fi.fh, 10, b"ab")  # the kernel sends appends with the EOF offset
+    await fs.write(fi.fh, 0, b"AB")  # and mmap writeback with the page's: not appended
     await fs.release(fi.fh)
-    assert (backing / "f").read_bytes() == b"0123456789ab"
+    assert (backing / "f").read_bytes() == b"AB23456789ab"
     fi = await fs.open(ino, os.O_RDWR | os.O_TRUNC | os.O_NOFOLLOW, CTX)
     assert (backing / "f").read_bytes() == b""
     await fs.release(fi.fh)

@@ -90,9 +90,11 @@ _INLINE_IO = 64 * 1024
 _RENAME_FLAGS = 1 | 2 | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
 #: Flags never passed to the backing open(): O_NOFOLLOW would refuse the /proc/self/fd magic
 #: link (the kernel already resolved the path); O_DIRECT would demand aligned buffers; O_CREAT
-#: and O_EXCL are the kernel's business on open().
+#: and O_EXCL are the kernel's business on open(); O_APPEND is the kernel's too: it sends every
+#: appending write with the end-of-file offset, and the page writeback of a shared mapping of
+#: an O_APPEND file carries real offsets that an O_APPEND backing fd would turn into appends.
 _OPATH = os.O_PATH | os.O_CLOEXEC
-_STRIP_OPEN = os.O_NOFOLLOW | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+_STRIP_OPEN = os.O_NOFOLLOW | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND
 
 
 class _Ctx(Protocol):
@@ -852,12 +854,9 @@ class MirrorFS(Operations):
 
     def _open_flags(self, flags: int) -> int:
         flags &= ~_STRIP_OPEN
-        if self._writeback:
-            # The kernel reads pages of write-only files to fill its cache, and does O_APPEND
-            # itself (it knows the size); as passthrough_hp does.
-            if flags & os.O_ACCMODE == os.O_WRONLY:
-                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
-            flags &= ~os.O_APPEND
+        if self._writeback and flags & os.O_ACCMODE == os.O_WRONLY:
+            # The kernel reads pages of write-only files to fill its cache (as passthrough_hp).
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags | os.O_CLOEXEC
 
     def _new_handle(self, fd: int, inode: _Inode, flags: int) -> FileInfo:

@@ -9,6 +9,7 @@ when the kernel does not offer FUSE_PASSTHROUGH (the skip message says so).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -17,7 +18,7 @@ import os
 import random
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -429,31 +430,56 @@ def test_counters_64mib_cp(pair: Pair, tmp_path: Path) -> None:
         assert d["bytes_spliced"] == 0, d  # the kernel moved every byte itself
 
 
-def test_splice_fallback_on_o_append(mount_factory: Any, tmp_path: Path) -> None:
-    """splice(2) into an O_APPEND file fails with EINVAL: the WRITE must fall back to copying."""
+@contextlib.contextmanager
+def append_only(*paths: Path) -> Iterator[None]:
+    """``chattr +a`` the files (only O_APPEND opens may write them); undone afterwards."""
+    try:
+        for p in paths:
+            subprocess.run(["chattr", "+a", str(p)], check=True, capture_output=True)
+        yield
+    finally:
+        for p in paths:
+            subprocess.run(["chattr", "-a", str(p)], check=False, capture_output=True)
+
+
+def test_splice_fallback_append_only_backing_file(mount_factory: Any, tmp_path: Path) -> None:
+    """A backing file that only takes O_APPEND writes refuses splice(2) (EINVAL): the WRITE must
+    fall back to copying, and the bytes must be the same as a plain append-only file gets.
+
+    The one refusal a user can cause from outside: a ``chattr +a`` backing file must be opened
+    O_APPEND by the mirror, and splice into an O_APPEND file always fails.
+    """
     mount: Mount = mount_factory(options=["data=splice"])
     mnt = mount.mountpoint
     plain = tmp_path / "plain"
     plain.mkdir()
+    for f in (mount.backing / "a", plain / "a"):
+        f.write_bytes(b"head")
     chunks = [pattern(n, seed=300 + i) for i, n in enumerate((MiB, 200_000, 65536, 100, MiB + 1))]
-    before = stats(mnt)
-    for root in (mnt, plain):
-        (root / "a").write_bytes(b"head")
-        fd = os.open(root / "a", os.O_WRONLY | os.O_APPEND)
-        try:
-            for c in chunks:
-                n = os.write(fd, c)
-                assert n == len(c), f"{root}: O_APPEND write of {len(c)} bytes wrote {n}"
-        finally:
-            os.close(fd)
-    d = delta(before, stats(mnt))
-    evict(mnt / "a")
-    assert read_all(mnt / "a") == (plain / "a").read_bytes() == b"head" + b"".join(chunks)
-    assert (mount.backing / "a").read_bytes() == (plain / "a").read_bytes()
-    big = sum(len(c) for c in chunks if len(c) >= 65536)
-    assert d["splice_fallbacks"] >= 4, d
-    assert d["write_bytes_copied"] >= big, d
-    # the fallback is per request: a plain (not O_APPEND) write still splices
+    results = []
+    with append_only(mount.backing / "a", plain / "a"):
+        before = stats(mnt)
+        for root in (mnt, plain):
+            try:
+                fd = os.open(root / "a", os.O_WRONLY | os.O_APPEND)
+            except OSError as e:
+                results.append(("open", errno.errorcode[e.errno or 0]))
+                continue
+            try:
+                results.append([os.write(fd, c) for c in chunks])
+            except OSError as e:
+                results.append(("write", errno.errorcode[e.errno or 0]))
+            finally:
+                os.close(fd)
+        d = delta(before, stats(mnt))
+        assert results[0] == results[1], f"mount: {results[0]}, plain: {results[1]}"
+        evict(mnt / "a")
+        assert read_all(mnt / "a") == (plain / "a").read_bytes() == b"head" + b"".join(chunks)
+        assert (mount.backing / "a").read_bytes() == (plain / "a").read_bytes()
+        big = sum(len(c) for c in chunks if len(c) >= 65536)
+        assert d["splice_fallbacks"] >= 4, d
+        assert d["write_bytes_copied"] >= big, d
+    # the fallback is per request: a write to an ordinary file still splices
     before = stats(mnt)
     (mnt / "b").write_bytes(chunks[0])
     d = delta(before, stats(mnt))
@@ -471,3 +497,31 @@ def test_mode_is_reported(pair: Pair) -> None:
     assert "user.fusefs.stats" not in os.listxattr(pair.mnt)
     with pytest.raises(OSError):
         os.setxattr(pair.mnt, "user.fusefs.stats", b"{}")
+
+
+async def test_write_payload_lets_a_splice_refusal_reach_the_session(tmp_path: Path) -> None:
+    """The session falls back to copying when ``write_payload`` raises PayloadSpliceError (with
+    the payload's bytes); the mirror must let that exception through, not turn it into EIO."""
+    from fusefs.mirror import MirrorFS
+    from fusefs.ops import ROOT_INODE, Payload, RequestContext
+    from fusefs.session.datapath import PayloadSpliceError
+
+    class Refused(Payload):
+        size = 10
+
+        async def to_fd(self, fd: int, offset: int) -> int:
+            raise PayloadSpliceError(b"0123456789")
+
+        async def to_bytes(self) -> bytes:
+            return b"0123456789"
+
+    fs = MirrorFS(tmp_path)
+    try:
+        ctx = RequestContext(0, 0, os.getpid(), 0o022)
+        fi, _ = await fs.create(ROOT_INODE, b"f", 0o644, os.O_WRONLY, ctx)
+        with pytest.raises(PayloadSpliceError) as caught:
+            await fs.write_payload(fi.fh, 0, Refused())
+        assert caught.value.data == b"0123456789"
+        await fs.release(fi.fh)
+    finally:
+        fs.close()

@@ -25,6 +25,7 @@ import os
 import pickle
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -575,6 +576,33 @@ def test_open_unlinked_file_still_usable(twin: Twin) -> None:
         r.read_file("again")
 
     twin.run(scenario)
+
+
+def test_append_only_file(twin: Twin) -> None:
+    """A ``chattr +a`` file (set in the backing directory) takes O_APPEND writes, nothing else."""
+    for root in (twin.backing, twin.plain):
+        (root / "log").write_bytes(b"start\n")
+        subprocess.run(["chattr", "+a", str(root / "log")], check=True, capture_output=True)
+
+    def scenario(r: Rec) -> None:
+        fd = r.open("log", os.O_WRONLY | os.O_APPEND)
+        r.fd("write", fd, b"small\n")
+        r.fd("write", fd, b"b" * 300_000)
+        r.fd("pwrite", fd, b"pwrite", 0)
+        r.fd("close", fd)
+        r.open("log", os.O_WRONLY)  # EPERM
+        r.open("log", os.O_RDWR | os.O_TRUNC)  # EPERM
+        r.os("truncate", "log", 0)  # EPERM
+        r.os("unlink", "log")  # EPERM
+        r.os2("rename", "log", "moved")  # EPERM
+        r.os("chmod", "log", 0o600)  # EPERM
+        r.read_file("log")
+
+    try:
+        twin.run(scenario)
+    finally:
+        for root in (twin.backing, twin.plain):
+            subprocess.run(["chattr", "-a", str(root / "log")], check=False, capture_output=True)
 
 
 # ================================================================================================

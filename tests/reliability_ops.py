@@ -32,6 +32,7 @@ import os
 import random
 import shutil
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -1169,3 +1170,186 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+# --- stress: patterned writers ----------------------------------------------------------------
+# A block is one 32-byte record repeated: (magic, writer, block index, sequence number).  A
+# block holding records of more than one write is torn; a record naming another block index is
+# misplaced data; an all-zero block was never written.
+
+RECORD = struct.Struct("<8sIIQQ")
+RECORD_MAGIC = b"FUSEFSRL"
+
+
+def block_bytes(writer: int, block: int, seq: int, block_size: int) -> bytes:
+    rec = RECORD.pack(RECORD_MAGIC, writer, block, seq, writer * 1_000_003 + block + seq)
+    return rec * (block_size // RECORD.size)
+
+
+def check_block(data: bytes, block: int, whole: bool) -> str | None:
+    """None if ``data`` (a block, or any record-aligned part of one) is sound.
+
+    ``whole``: the block must be one write (not torn) and written (not zero).  Otherwise (a
+    read racing with writers) each record only has to be zero or belong to this block.
+    """
+    zero = bytes(RECORD.size)
+    records = {data[i : i + RECORD.size] for i in range(0, len(data), RECORD.size)}
+    if whole:
+        if records == {zero}:
+            return f"block {block} was never written"
+        if len(records) != 1:
+            return f"block {block} is torn: {len(records)} different records"
+    for rec in records - {zero}:
+        magic, _writer, idx, _seq, _check = RECORD.unpack(rec)
+        if magic != RECORD_MAGIC:
+            return f"block {block}: garbage record {rec!r}"
+        if idx != block:
+            return f"block {block} holds data written for block {idx}"
+    return None
+
+
+def patterned_writer(
+    shared: str, own: str, writer: int, writers: int, blocks: int, block_size: int,
+    iterations: int, seed: int,
+) -> None:  # fmt: skip
+    """Write this writer's blocks of ``shared`` (every ``writers``-th), then ``iterations``
+    random blocks of it (overlapping other writers), each in one pwrite; append as many blocks
+    to ``own`` (fsync every 8).  Raises on any error."""
+    r = random.Random(seed)
+    fd = os.open(shared, os.O_WRONLY)
+    own_fd = os.open(own, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        order = list(range(writer, blocks, writers))
+        order += [r.randrange(blocks) for _ in range(iterations)]
+        for i, block in enumerate(order):
+            seq = i + 1
+            data = block_bytes(writer, block, seq, block_size)
+            if os.pwrite(fd, data, block * block_size) != block_size:
+                raise OSError(errno.EIO, f"short write to block {block}")
+            if os.write(own_fd, block_bytes(writer, i, seq, block_size)) != block_size:
+                raise OSError(errno.EIO, "short append")
+            if i % 8 == 7:
+                os.fsync(own_fd)
+    finally:
+        os.close(fd)
+        os.close(own_fd)
+
+
+def own_file_length(writer: int, writers: int, blocks: int, iterations: int) -> int:
+    """How many blocks :func:`patterned_writer` appends to its own file."""
+    return len(range(writer, blocks, writers)) + iterations
+
+
+def check_shared(path: str, blocks: int, block_size: int) -> list[str]:
+    problems = []
+    with open(path, "rb") as f:
+        for b in range(blocks):
+            problem = check_block(f.read(block_size), b, whole=True)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def check_own(path: str, writer: int, count: int, block_size: int) -> list[str]:
+    size = os.stat(path).st_size
+    if size != count * block_size:
+        return [f"{path}: {size} bytes, expected {count * block_size}"]
+    problems = []
+    with open(path, "rb") as f:
+        for i in range(count):
+            data = f.read(block_size)
+            problem = check_block(data, i, whole=True)
+            if problem:
+                problems.append(f"{path}: {problem}")
+            elif RECORD.unpack_from(data)[1] != writer:
+                problems.append(f"{path}: block {i} written by another writer")
+    return problems
+
+
+# --- stress: trees ----------------------------------------------------------------------------
+
+
+def make_tree(root: str, files: int, seed: int, per_dir: int = 200) -> None:
+    """``files`` small files (0-8 KiB, varied modes, a few symlinks and hard links) in
+    directories of ``per_dir``."""
+    r = random.Random(seed)
+    os.makedirs(root, exist_ok=True)
+    for i in range(files):
+        d = os.path.join(root, f"d{i // per_dir:03d}")
+        if i % per_dir == 0:
+            os.makedirs(d, exist_ok=True)
+        p = os.path.join(d, f"file{i:06d}")
+        with open(p, "wb") as f:
+            f.write(r.randbytes(r.choice((0, 1, 100, 4095, 4096, 5000, 8192))))
+        os.chmod(p, r.choice((0o644, 0o600, 0o755, 0o444)))
+        if i % 97 == 0:
+            os.symlink(f"file{i:06d}", os.path.join(d, f"link{i:06d}"))
+        if i % 101 == 0:
+            os.link(p, os.path.join(d, f"hard{i:06d}"))
+
+
+# --- crash safety: a writer that records what it fsync'd --------------------------------------
+
+CRASH_BLOCK = 64 * KiB
+
+
+def crash_writer(directory: str, side_file: str, files: int = 4, seconds: float = 60.0) -> None:
+    """Append deterministic blocks to ``files`` files in ``directory``; after each fsync,
+    record ``name length`` in ``side_file`` (fsync'd too, on another filesystem than the
+    mount).  Runs until an error (the daemon died: ENOTCONN) or ``seconds`` pass."""
+    fds = [
+        os.open(os.path.join(directory, f"c{i}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        for i in range(files)
+    ]
+    side = os.open(side_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    lengths = [0] * files
+    deadline = time.monotonic() + seconds
+    n = 0
+    try:
+        while time.monotonic() < deadline:
+            i = n % files
+            os.write(fds[i], data_for(i * 1_000_000 + lengths[i] // CRASH_BLOCK, CRASH_BLOCK))
+            lengths[i] += CRASH_BLOCK
+            n += 1
+            if n % (files * 2) == 0:
+                for j, fd in enumerate(fds):
+                    os.fsync(fd)
+                    os.write(side, f"c{j} {lengths[j]}\n".encode())
+                os.fsync(side)
+    except OSError:
+        return  # expected: the daemon was killed
+    finally:
+        for fd in (*fds, side):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def check_fsynced(directory: str, side_file: str) -> tuple[int, list[str]]:
+    """Everything ``side_file`` says was fsync'd must be in ``directory`` (the backing
+    directory).  Returns (bytes verified, problems)."""
+    last: dict[str, int] = {}
+    with open(side_file) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 2:  # a torn last line was not fsync'd
+                last[parts[0]] = int(parts[1])
+    problems = []
+    verified = 0
+    for name, length in sorted(last.items()):
+        i = int(name[1:])
+        path = os.path.join(directory, name)
+        try:
+            size = os.stat(path).st_size
+        except OSError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        if size < length:
+            problems.append(f"{name}: {size} bytes, but {length} were fsync'd")
+            continue
+        with open(path, "rb") as f:
+            for k in range(length // CRASH_BLOCK):
+                if f.read(CRASH_BLOCK) != data_for(i * 1_000_000 + k, CRASH_BLOCK):
+                    problems.append(f"{name}: block {k} (fsync'd) differs")
+                    break
+        verified += length
+    return verified, problems

@@ -169,14 +169,11 @@ class MountOptions:
             value = getattr(self, f.name)
             if value == getattr(default, f.name):
                 continue
-            if isinstance(value, bool):
-                parts.append(f.name if value else _NEGATIONS.get(f.name, f.name + "=0"))
+            if isinstance(value, bool):  # every flag defaults to off
+                parts.append(f.name)
             else:
                 parts.append(f"{f.name}={escape_option(str(value))}")
         return ",".join(parts)
-
-
-_NEGATIONS = {"ro": "rw", "noexec": "exec"}
 
 
 def escape_option(value: str) -> str:

@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import os
 import pwd
-import shutil
 import signal
 import stat
 import subprocess
@@ -284,10 +283,6 @@ class Mount:
 
     def __exit__(self, *exc: object) -> None:
         self.close(check=False if exc[0] is not None else None)
-
-
-def have_fusermount() -> bool:
-    return shutil.which("fusermount3") is not None
 
 
 # -- daemons that are not our children -------------------------------------------------------

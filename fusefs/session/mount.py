@@ -47,6 +47,7 @@ __all__ = [
     "open_mount",
     "set_read_ahead",
     "unmount",
+    "unmount_or_detach",
 ]
 
 log = logging.getLogger(__name__)
@@ -366,6 +367,21 @@ def unmount(mountpoint: str, *, lazy: bool = False, via_fusermount: bool | None 
         message = _helper_message(proc.stderr, f"exit status {proc.returncode}")
         raise UnmountError(f"cannot unmount {mountpoint}: {message}")
     log.info("unmounted %s through fusermount3", path)
+
+
+def unmount_or_detach(mountpoint: str, *, via_fusermount: bool | None = None) -> bool:
+    """Unmount; if that fails (busy), detach lazily.  False (and a warning) if neither worked.
+
+    What a session does on SIGINT/SIGTERM: a lazily detached mount ends its session once the
+    last open file on it is closed.
+    """
+    for lazy in (False, True):
+        try:
+            unmount(mountpoint, lazy=lazy, via_fusermount=via_fusermount)
+            return True
+        except UnmountError as e:
+            log.warning("%s", e)
+    return False
 
 
 # -- after INIT --------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from fusefs.errors import MountError, UnmountError
+from fusefs.errors import MountError
 from fusefs.options import MountOptions, escape_option
-from fusefs.session.mount import check_mountpoint, find_mount, set_read_ahead, unmount
+from fusefs.session.mount import check_mountpoint, find_mount, set_read_ahead, unmount_or_detach
 
 __all__ = ["pyfuse3_init_options", "run_pyfuse3"]
 
@@ -96,16 +96,5 @@ async def _unmount_on_signals(path: str) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("%s: unmounting %s", signal.Signals(signum).name, path)
-            if not await trio.to_thread.run_sync(_unmount_quietly, path):
+            if not await trio.to_thread.run_sync(unmount_or_detach, path):
                 pyfuse3.terminate()
-
-
-def _unmount_quietly(path: str) -> bool:
-    """Unmount, lazily if busy; False if neither worked."""
-    for lazy in (False, True):
-        try:
-            unmount(path, lazy=lazy)
-            return True
-        except UnmountError as e:
-            log.warning("%s", e)
-    return False

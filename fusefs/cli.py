@@ -32,13 +32,14 @@ from fusefs.errors import (
     SessionUnavailableError,
 )
 from fusefs.options import DATA_MODES, SESSIONS, MountOptions, parse_options
+from fusefs.replica import cli as replica_cli
 
 __all__ = ["STATS_XATTR", "build_parser", "check_backing", "main", "read_stats"]
 
 log = logging.getLogger("fusefs")
 
 PROG = "fusefs"
-SUBCOMMANDS = ("mount", "stats")
+SUBCOMMANDS = ("mount", "stats", "serve", "restore", "verify", "status")
 #: The xattr on a mount's root holding the session's counters as JSON.
 STATS_XATTR = "user.fusefs.stats"
 #: How long a backgrounding ``fusefs mount`` waits for the daemon to report the mount ready.
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "-q", "--quiet", action="store_true", help="print nothing when the mount is ready"
     )
+    replica_cli.add_mount_arguments(mount)
     mount.set_defaults(func=cmd_mount)
 
     stats = commands.add_parser(
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("mountpoint", metavar="MOUNTPOINT", help="where fusefs is mounted")
     stats.add_argument("--json", action="store_true", help="print the raw JSON")
     stats.set_defaults(func=cmd_stats)
+    replica_cli.add_subcommands(commands)
     return parser
 
 
@@ -248,7 +251,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     check_mountpoint(mountpoint, nonempty=opts.nonempty)  # fail early, before backgrounding
     if args.foreground:
         _setup_logging(args.log_file, debug=args.debug, verbose=args.verbose, foreground=True)
-        serve(backing, mountpoint, opts, ready=_log_ready(backing, mountpoint), debug=args.debug)
+        serve(
+            backing,
+            mountpoint,
+            opts,
+            ready=_log_ready(backing, mountpoint),
+            debug=args.debug,
+            replication=args,
+        )
         return 0
     return _mount_in_background(args, backing, mountpoint, opts)
 
@@ -260,24 +270,33 @@ def serve(
     *,
     ready: Callable[[], None] | None = None,
     debug: bool = False,
+    replication: argparse.Namespace | None = None,
 ) -> None:
-    """Mount a mirror of ``backing`` on ``mountpoint`` and serve it until unmounted."""
-    ops = make_filesystem(backing, opts)
-    if opts.session == "pyfuse3":
-        from fusefs.session.pyfuse3_backend import run_pyfuse3
+    """Mount a mirror of ``backing`` on ``mountpoint`` and serve it until unmounted.
 
-        run_pyfuse3(ops, mountpoint, opts, ready, debug)
-        return
+    ``replication`` carries the --target arguments; the replication sink starts here, in the
+    serving process (after any fork), and stops once the session has ended.
+    """
+    sink = replica_cli.make_sink(replication, backing) if replication is not None else None
     try:
-        from fusefs.session.session import run_session
-    except ImportError as e:
-        raise SessionUnavailableError(
-            f"the fusefs session cannot be loaded ({e}); use --session pyfuse3"
-        ) from None
-    run_session(ops, mountpoint, opts, ready, debug)
+        ops = make_filesystem(backing, opts, changes=sink)
+        if opts.session == "pyfuse3":
+            from fusefs.session.pyfuse3_backend import run_pyfuse3
+
+            run_pyfuse3(ops, mountpoint, opts, ready, debug)
+            return
+        try:
+            from fusefs.session.session import run_session
+        except ImportError as e:
+            raise SessionUnavailableError(
+                f"the fusefs session cannot be loaded ({e}); use --session pyfuse3"
+            ) from None
+        run_session(ops, mountpoint, opts, ready, debug)
+    finally:
+        replica_cli.close_sink(sink, mountpoint if sink is not None else None)
 
 
-def make_filesystem(backing: str, opts: MountOptions) -> Any:
+def make_filesystem(backing: str, opts: MountOptions, changes: Any = None) -> Any:
     """The mirror filesystem of ``backing`` configured by ``opts``."""
     try:
         from fusefs.mirror import MirrorFS
@@ -288,6 +307,7 @@ def make_filesystem(backing: str, opts: MountOptions) -> Any:
         attr_timeout=opts.attr_timeout,
         entry_timeout=opts.entry_timeout,
         writeback=opts.writeback_cache,
+        changes=changes,
     )
 
 
@@ -435,7 +455,7 @@ def _daemon(
         report("mounted")
 
     try:
-        serve(backing, mountpoint, opts, ready=ready, debug=args.debug)
+        serve(backing, mountpoint, opts, ready=ready, debug=args.debug, replication=args)
     except FusefsError as e:
         log.error("%s", e)
         report(f"error {e}")

@@ -245,9 +245,9 @@ class BytesPayload(Payload):
         return bytes(self.data)
 
 
-def splice_request(pool: PipePool, devfd: int, bufsize: int, min_spliced_write: int) -> tuple[
-    bytes, PipePayload | None
-]:
+def splice_request(
+    pool: PipePool, devfd: int, bufsize: int, min_spliced_write: int
+) -> tuple[bytes, PipePayload | None]:
     """Take one request off the device through a pipe.
 
     Returns the request bytes and, for a WRITE of at least ``min_spliced_write`` bytes, a

@@ -10,6 +10,7 @@ file's I/O without us.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -17,6 +18,7 @@ import signal
 import stat
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -34,11 +36,11 @@ from fusefs.protocol import requests as rq
 from fusefs.protocol.init import InitConfig, Negotiated, negotiate
 from fusefs.session.counters import Counters
 from fusefs.session.datapath import (
+    THREAD_MIN,
     BytesPayload,
     PayloadSpliceError,
     PipePayload,
     PipePool,
-    THREAD_MIN,
     SpliceShort,
     backing_close,
     backing_open,
@@ -97,7 +99,7 @@ def entry_reply(unique: int, e: EntryAttributes) -> bytes:
 class _DirToken(ReaddirToken):
     """Fills one READDIR(PLUS) reply; counts entries so a plain READDIR can undo lookups."""
 
-    __slots__ = ("buf", "plus", "added")
+    __slots__ = ("added", "buf", "plus")
 
     def __init__(self, size: int, plus: bool) -> None:
         self.buf = rp.DirentBuffer(size, plus)
@@ -156,9 +158,7 @@ class Session:
         self._pipes = PipePool(pipe_max_size())
         self._backing_ids: dict[int, int] = {}
         self._inflight: dict[int, trio.CancelScope | None] = {}
-        self._bufsize = max(
-            abi.FUSE_MIN_READ_BUFFER, max_pages * 4096 + abi.IN_HEADER_SIZE + 4096
-        )
+        self._bufsize = max(abi.FUSE_MIN_READ_BUFFER, max_pages * 4096 + abi.IN_HEADER_SIZE + 4096)
         self._handlers: dict[int, Callable[[Any], Awaitable[Reply]]] = {
             abi.Opcode.LOOKUP: self._lookup,
             abi.Opcode.GETATTR: self._getattr,
@@ -265,10 +265,8 @@ class Session:
 
     def _close(self) -> None:
         for bid in list(self._backing_ids.values()):
-            try:
+            with contextlib.suppress(OSError):
                 backing_close(self.devfd, bid)
-            except OSError:
-                pass
         self._backing_ids.clear()
         self._pipes.close()
 
@@ -383,8 +381,10 @@ class Session:
     def _choose_data_mode(self, neg: Negotiated) -> None:
         wanted = self.data_wanted
         has_range = hasattr(self.ops, "read_range")
-        if wanted in ("auto", "passthrough") and neg.passthrough and hasattr(
-            self.ops, "passthrough_fd"
+        if (
+            wanted in ("auto", "passthrough")
+            and neg.passthrough
+            and hasattr(self.ops, "passthrough_fd")
         ):
             mode, why = "passthrough", "kernel offers FUSE_PASSTHROUGH and we hold CAP_SYS_ADMIN"
         elif wanted in ("auto", "passthrough", "splice") and has_range:
@@ -795,7 +795,13 @@ def run_session(
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
                     async for signum in sigs:
                         log.info("signal %d: unmounting %s", signum, mountpoint)
-                        await trio.to_thread.run_sync(_unmount_on_signal, mnt, mountpoint)
+                        await trio.to_thread.run_sync(
+                            partial(
+                                mnt.unmount_or_detach,
+                                mountpoint,
+                                via_fusermount=device.via_fusermount,
+                            )
+                        )
 
             nursery.start_soon(on_signals)
             await session.serve()
@@ -804,18 +810,5 @@ def run_session(
     try:
         trio.run(main)
     finally:
-        try:
+        with contextlib.suppress(OSError):
             os.close(device.fd)
-        except OSError:
-            pass
-
-
-def _unmount_on_signal(mnt: Any, mountpoint: str) -> None:
-    try:
-        mnt.unmount(mountpoint)
-    except Exception as e:
-        log.warning("unmount failed (%s); detaching lazily", e)
-        try:
-            mnt.unmount(mountpoint, lazy=True)
-        except Exception as e2:
-            log.error("lazy unmount failed: %s", e2)

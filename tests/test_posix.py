@@ -1446,7 +1446,10 @@ NOBODY = 65534
 
 @pytest.fixture
 def public_dirs(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
-    """backing, mountpoint and plain dirs that user nobody can reach (tmp_path is 0700)."""
+    """backing, mountpoint and plain dirs that user nobody can reach (tmp_path is 0700).
+
+    Request it before ``mount_factory`` so that it is torn down after the unmount.
+    """
     top = Path(tempfile.mkdtemp(prefix="fusefs-posix-", dir="/tmp"))
     os.chmod(top, 0o755)
     dirs = []
@@ -1460,7 +1463,7 @@ def public_dirs(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
 
 
 def test_other_user_allow_other_default_permissions(
-    mount_factory: Any, public_dirs: tuple[Path, Path, Path], variant: str
+    public_dirs: tuple[Path, Path, Path], mount_factory: Any, variant: str
 ) -> None:
     backing, mountpoint, plain = public_dirs
     mount_factory(
@@ -1539,7 +1542,7 @@ def test_other_user_allow_other_default_permissions(
 
 
 def test_unprivileged_write_clears_setid_bits(
-    mount_factory: Any, public_dirs: tuple[Path, Path, Path], variant: str
+    public_dirs: tuple[Path, Path, Path], mount_factory: Any, variant: str
 ) -> None:
     """A write or truncate by a user without CAP_FSETID clears set-user-ID and set-group-ID."""
     backing, mountpoint, plain = public_dirs

@@ -11,6 +11,7 @@ Errors are one line on stderr (``fusefs: error: ...``) and exit status 1; traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -193,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `fusefs stats | head`: the reader left; not an error
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         if debug:
             log.exception("unexpected error")
@@ -249,6 +254,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from fusefs.session.mount import check_mountpoint
 
     check_mountpoint(mountpoint, nonempty=opts.nonempty)  # fail early, before backgrounding
+    # The daemon chdirs to /: make replication paths absolute, and check the key now.
+    args.mountpoint = mountpoint
+    for name in ("key_file", "replica_log_dir"):
+        if getattr(args, name, None):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    if args.target and args.key_file:
+        replica_cli.read_key(args.key_file)
     if args.foreground:
         _setup_logging(args.log_file, debug=args.debug, verbose=args.verbose, foreground=True)
         serve(

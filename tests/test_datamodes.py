@@ -499,29 +499,30 @@ def test_mode_is_reported(pair: Pair) -> None:
         os.setxattr(pair.mnt, "user.fusefs.stats", b"{}")
 
 
-async def test_write_payload_lets_a_splice_refusal_reach_the_session(tmp_path: Path) -> None:
-    """The session falls back to copying when ``write_payload`` raises PayloadSpliceError (with
-    the payload's bytes); the mirror must let that exception through, not turn it into EIO."""
-    from fusefs.mirror import MirrorFS
-    from fusefs.ops import ROOT_INODE, Payload, RequestContext
-    from fusefs.session.datapath import PayloadSpliceError
+async def test_pipe_payload_falls_back_to_copying_when_splice_is_refused(tmp_path: Path) -> None:
+    """A WRITE payload left in its pipe, spliced into an fd that refuses splice (O_APPEND gives
+    EINVAL), still lands whole: the payload copies the rest itself and records the fallback,
+    so the application never sees the refusal."""
+    from fusefs.session.datapath import PipePayload, PipePool
 
-    class Refused(Payload):
-        size = 10
-
-        async def to_fd(self, fd: int, offset: int) -> int:
-            raise PayloadSpliceError(b"0123456789")
-
-        async def to_bytes(self) -> bytes:
-            return b"0123456789"
-
-    fs = MirrorFS(tmp_path)
+    pool = PipePool(1 << 20)
+    pair = pool.get()
+    data = os.urandom(200_000)
+    view = memoryview(data)
+    sent = 0
+    while sent < len(data):
+        sent += os.write(pair[1], view[sent:])
+    payload = PipePayload(pool, pair, len(data))
+    target = tmp_path / "f"
+    target.write_bytes(b"head")
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND)
     try:
-        ctx = RequestContext(0, 0, os.getpid(), 0o022)
-        fi, _ = await fs.create(ROOT_INODE, b"f", 0o644, os.O_WRONLY, ctx)
-        with pytest.raises(PayloadSpliceError) as caught:
-            await fs.write_payload(fi.fh, 0, Refused())
-        assert caught.value.data == b"0123456789"
-        await fs.release(fi.fh)
+        n = await payload.to_fd(fd, 4)
     finally:
-        fs.close()
+        os.close(fd)
+        pool.close()
+    assert n == len(data)
+    assert target.read_bytes() == b"head" + data
+    assert payload.fallback is not None
+    assert payload.copied == len(data) and payload.spliced == 0
+

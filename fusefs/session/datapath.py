@@ -13,10 +13,13 @@ Passthrough needs nothing per request: at OPEN the backing fd is registered with
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import struct
+from collections.abc import Iterator
 
 import trio
 
@@ -146,9 +149,55 @@ def splice_read_reply(
 
 
 def backing_open(devfd: int, fd: int) -> int:
-    """Register ``fd`` with the FUSE connection for passthrough; return its backing id."""
+    """Register ``fd`` with the FUSE connection for passthrough; return its backing id.
+
+    The kernel keeps the credentials of this call and performs every passthrough read and
+    write with them.  A root daemon holds CAP_FSETID, which would let an unprivileged writer
+    keep a file's setuid/setgid bits; so the registration is made with CAP_FSETID dropped from
+    this thread's effective set, and writes clear the bits as on the backing filesystem.
+    """
     arg = bytearray(struct.pack("<iIQ", fd, 0, 0))
-    return fcntl.ioctl(devfd, FUSE_DEV_IOC_BACKING_OPEN, arg, True)
+    with _without_cap_fsetid():
+        return fcntl.ioctl(devfd, FUSE_DEV_IOC_BACKING_OPEN, arg, True)
+
+
+_CAP_FSETID = 4
+_CAP_V3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def _without_cap_fsetid() -> Iterator[None]:
+    """Drop CAP_FSETID from this thread's effective capabilities for the duration."""
+    hdr = _CapHeader(_CAP_V3, 0)
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(hdr), data) != 0 or not data[0].effective & (1 << _CAP_FSETID):
+        yield
+        return
+    saved = data[0].effective
+    data[0].effective = saved & ~(1 << _CAP_FSETID)
+    if _libc.capset(ctypes.byref(hdr), data) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        _libc.capset(ctypes.byref(hdr), data)
 
 
 def backing_close(devfd: int, backing_id: int) -> None:
@@ -169,6 +218,7 @@ class PipePayload(Payload):
         self.size = size
         self.spliced = 0
         self.copied = 0
+        self.fallback: OSError | None = None
 
     async def to_fd(self, fd: int, offset: int) -> int:
         if self.size >= THREAD_MIN:
@@ -185,14 +235,21 @@ class PipePayload(Payload):
                 if k == 0:
                     break
                 done += k
-        except OSError:
-            if done == 0:
-                # Nothing moved: the caller may retry by copying, so keep the bytes.
-                data = _drain(r, self.size)
-                self.pool.put(pair)
-                raise PayloadSpliceError(data) from None
-            self.pool.discard(pair)
-            return done
+        except OSError as e:
+            # The backing fd refused splice (EINVAL for some files and filesystems): copy the
+            # rest out of the pipe instead, and say so; a real I/O error recurs in pwrite.
+            self.spliced += done
+            self.fallback = e
+            rest = _drain(r, self.size - done)
+            self.pool.put(pair)
+            try:
+                n = _pwrite_all(fd, rest, offset + done)
+            except OSError:
+                if done:
+                    return done
+                raise
+            self.copied += n
+            return done + n
         self.spliced += done
         self.pool.put(pair)
         return done
@@ -218,14 +275,6 @@ class PipePayload(Payload):
             self.pool.put(pair)
 
 
-class PayloadSpliceError(OSError):
-    """Splicing into the backing file failed before moving a byte; ``data`` holds the payload."""
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__(errno.EIO, "splice into backing file failed")
-        self.data = data
-
-
 class BytesPayload(Payload):
     """A payload already in memory (the copying path), behind the same interface."""
 
@@ -243,6 +292,14 @@ class BytesPayload(Payload):
     async def to_bytes(self) -> bytes:
         self.copied += self.size
         return bytes(self.data)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
 
 
 def splice_request(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import signal
@@ -38,7 +39,6 @@ from fusefs.session.counters import Counters
 from fusefs.session.datapath import (
     THREAD_MIN,
     BytesPayload,
-    PayloadSpliceError,
     PipePayload,
     PipePool,
     SpliceShort,
@@ -156,7 +156,15 @@ class Session:
         self.passthrough = False
         self.splice_writes = False
         self._pipes = PipePool(pipe_max_size())
-        self._backing_ids: dict[int, int] = {}
+        try:
+            params = inspect.signature(ops.setxattr).parameters
+            self._setxattr_takes_flags = "flags" in params
+        except (TypeError, ValueError, AttributeError):
+            self._setxattr_takes_flags = False
+        # Passthrough registrations: the kernel allows one backing file per inode, so all
+        # opens sharing a backing fd share one backing id, closed at their last RELEASE.
+        self._backing: dict[int, list[int]] = {}  # backing fd -> [backing id, opens]
+        self._fh_backing: dict[int, int] = {}  # fh -> backing fd
         self._inflight: dict[int, trio.CancelScope | None] = {}
         self._bufsize = max(abi.FUSE_MIN_READ_BUFFER, max_pages * 4096 + abi.IN_HEADER_SIZE + 4096)
         self._handlers: dict[int, Callable[[Any], Awaitable[Reply]]] = {
@@ -264,10 +272,11 @@ class Session:
                 log.info("counters at unmount:\n%s", self.counters.to_json().decode())
 
     def _close(self) -> None:
-        for bid in list(self._backing_ids.values()):
+        for bid, _ in self._backing.values():
             with contextlib.suppress(OSError):
                 backing_close(self.devfd, bid)
-        self._backing_ids.clear()
+        self._backing.clear()
+        self._fh_backing.clear()
         self._pipes.close()
 
     def _reject(self, buf: bytes, exc: Exception) -> None:
@@ -540,13 +549,18 @@ class Session:
         fd = self.ops.passthrough_fd(fh)
         if fd is None:
             return open_flags, 0
-        try:
-            bid = backing_open(self.devfd, fd)
-        except OSError as e:
-            self.counters.passthrough_open_failures += 1
-            log.info("passthrough refused (%s); this file uses splice", e)
-            return open_flags, 0
-        self._backing_ids[fh] = bid
+        reg = self._backing.get(fd)
+        if reg is None:
+            try:
+                bid = backing_open(self.devfd, fd)
+            except OSError as e:
+                self.counters.passthrough_open_failures += 1
+                log.info("passthrough refused (%s); this file uses splice", e)
+                return open_flags, 0
+            reg = self._backing[fd] = [bid, 0]
+        reg[1] += 1
+        bid = reg[0]
+        self._fh_backing[fh] = fd
         self.counters.passthrough_opens += 1
         return (open_flags & ~abi.FOPEN_DIRECT_IO) | abi.FOPEN_PASSTHROUGH, bid
 
@@ -634,14 +648,10 @@ class Session:
         c = self.counters
         if req.write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
             await self._kill_suidgid(req)
-        try:
-            n = await self.ops.write_payload(req.fh, req.offset, payload)
-        except PayloadSpliceError as e:
+        n = await self.ops.write_payload(req.fh, req.offset, payload)
+        if payload.fallback is not None:
             c.splice_fallbacks += 1
-            n = await self.ops.write(req.fh, req.offset, e.data)
-            c.write_requests_copied += 1
-            c.write_bytes_copied += n
-            return rp.reply_write(req.unique, n)
+            log.debug("splice write fell back to copying: %s", payload.fallback)
         if payload.spliced:
             c.write_requests_spliced += 1
             c.write_bytes_spliced += payload.spliced
@@ -665,12 +675,16 @@ class Session:
         )
 
     async def _release(self, req: Any) -> Reply:
-        bid = self._backing_ids.pop(req.fh, None)
-        if bid is not None:
-            try:
-                backing_close(self.devfd, bid)
-            except OSError as e:
-                log.warning("could not close backing id %d: %s", bid, e)
+        fd = self._fh_backing.pop(req.fh, None)
+        if fd is not None:
+            reg = self._backing[fd]
+            reg[1] -= 1
+            if reg[1] == 0:
+                del self._backing[fd]
+                try:
+                    backing_close(self.devfd, reg[0])
+                except OSError as e:
+                    log.warning("could not close backing id %d: %s", reg[0], e)
         await self.ops.release(req.fh)
         return rp.reply_empty(req.unique)
 
@@ -685,7 +699,24 @@ class Session:
     async def _setxattr(self, req: Any) -> Reply:
         if req.nodeid == 1 and req.name == STATS_XATTR:
             raise FUSEError(errno.EPERM)
-        await self.ops.setxattr(req.nodeid, req.name, bytes(req.value), self._ctx(req))
+        ctx = self._ctx(req)
+        flags = req.flags & (os.XATTR_CREATE | os.XATTR_REPLACE)
+        if self._setxattr_takes_flags:
+            await self.ops.setxattr(req.nodeid, req.name, bytes(req.value), ctx, flags=flags)
+            return rp.reply_empty(req.unique)
+        if flags:  # pyfuse3's signature has no flags: check them as libfuse's users must
+            try:
+                await self.ops.getxattr(req.nodeid, req.name, ctx)
+                exists = True
+            except FUSEError as e:
+                if e.errno != errno.ENODATA:
+                    raise
+                exists = False
+            if exists and flags & os.XATTR_CREATE:
+                raise FUSEError(errno.EEXIST)
+            if not exists and flags & os.XATTR_REPLACE:
+                raise FUSEError(errno.ENODATA)
+        await self.ops.setxattr(req.nodeid, req.name, bytes(req.value), ctx)
         return rp.reply_empty(req.unique)
 
     async def _getxattr(self, req: Any) -> Reply:

@@ -166,6 +166,7 @@ class Session:
         self._backing: dict[int, list[int]] = {}  # backing fd -> [backing id, opens]
         self._fh_backing: dict[int, int] = {}  # fh -> backing fd
         self._inflight: dict[int, trio.CancelScope | None] = {}
+        self._interrupted: set[int] = set()
         self._bufsize = max(abi.FUSE_MIN_READ_BUFFER, max_pages * 4096 + abi.IN_HEADER_SIZE + 4096)
         self._handlers: dict[int, Callable[[Any], Awaitable[Reply]]] = {
             abi.Opcode.LOOKUP: self._lookup,
@@ -210,6 +211,7 @@ class Session:
         os.set_blocking(self.devfd, False)
         bufsize = self._bufsize
         fd = self.devfd
+        batch = 0
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -250,6 +252,7 @@ class Session:
                     op = req.opcode
                     self.counters.requests[_opname(op)] += 1
                     if payload is not None:
+                        self._inflight[req.unique] = None
                         nursery.start_soon(self._handle, req, payload)
                         continue
                     if op == abi.Opcode.FORGET or op == abi.Opcode.BATCH_FORGET:
@@ -262,9 +265,17 @@ class Session:
                         self._send(rp.reply_empty(req.unique))
                         break
                     else:
-                        # Tasks start running when the device has nothing more for us
-                        # (wait_readable yields): no scheduler pass per request.
+                        # Known as in flight from now on, so an INTERRUPT that overtakes the
+                        # task's start is not answered EAGAIN (the kernel would resend it at
+                        # once, forever, since tasks run only when this loop yields).
+                        self._inflight[req.unique] = None
                         nursery.start_soon(self._handle, req)
+                        # Tasks run when the device has nothing more for us (wait_readable
+                        # yields), or after a batch: no scheduler pass per request.
+                        batch += 1
+                        if batch >= 64:
+                            batch = 0
+                            await trio.lowlevel.checkpoint()
                 nursery.cancel_scope.cancel()
         finally:
             self._close()
@@ -309,6 +320,9 @@ class Session:
         reply: Reply
         if req.opcode in _INTERRUPTIBLE:
             with trio.CancelScope() as scope:
+                if unique in self._interrupted:  # interrupted before it started
+                    self._interrupted.discard(unique)
+                    scope.cancel()
                 inflight[unique] = scope
                 try:
                     reply = await self._call(req, payload)
@@ -317,11 +331,12 @@ class Session:
             if scope.cancelled_caught:
                 reply = rp.reply_error(unique, errno.EINTR)
         else:
-            inflight[unique] = None
             try:
                 reply = await self._call(req, payload)
             finally:
                 del inflight[unique]
+                if self._interrupted:
+                    self._interrupted.discard(unique)
         if reply is not None:
             self._send(reply)
 
@@ -353,10 +368,12 @@ class Session:
             # Not seen yet (or answered already): EAGAIN asks the kernel to resend it later.
             self._send(rp.reply_error(req.unique, errno.EAGAIN))
             return
+        self.counters.interrupts += 1
         scope = self._inflight[target]
-        if scope is not None:  # a quick request finishes on its own; ignoring is allowed
-            self.counters.interrupts += 1
+        if scope is not None:
             scope.cancel()
+        else:  # not started yet; a quick request finishes on its own (ignoring is allowed)
+            self._interrupted.add(target)
 
     # ----------------------------------------------------------------- INIT
 

@@ -477,7 +477,9 @@ def test_splice_fallback_append_only_backing_file(mount_factory: Any, tmp_path: 
         assert read_all(mnt / "a") == (plain / "a").read_bytes() == b"head" + b"".join(chunks)
         assert (mount.backing / "a").read_bytes() == (plain / "a").read_bytes()
         big = sum(len(c) for c in chunks if len(c) >= 65536)
-        assert d["splice_fallbacks"] >= 4, d
+        # The two MiB writes and the 200,000-byte one each make a request over the splice
+        # threshold (how the kernel cuts the unaligned 65,536-byte one varies).
+        assert d["splice_fallbacks"] >= 3, d
         assert d["write_bytes_copied"] >= big, d
     # the fallback is per request: a write to an ordinary file still splices
     before = stats(mnt)

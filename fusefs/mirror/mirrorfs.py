@@ -874,7 +874,15 @@ class MirrorFS(Operations):
         if ino.is_symlink:
             raise FUSEError(errno.ELOOP)
         fl = self._open_flags(flags)
-        fd = os.open(ino.proc, fl)
+        try:
+            fd = os.open(ino.proc, fl)
+        except PermissionError:
+            # An append-only file (chattr +a) opens for writing only with O_APPEND, which we
+            # otherwise leave out; every write to such a file lands at its end anyway.
+            if not flags & os.O_APPEND or fl & os.O_ACCMODE == os.O_RDONLY:
+                raise
+            fl |= os.O_APPEND
+            fd = os.open(ino.proc, fl)
         fi = self._new_handle(fd, ino, fl)
         if self._track and flags & os.O_TRUNC:
             path = self._path(ino)
@@ -1000,7 +1008,9 @@ class MirrorFS(Operations):
             try:
                 if os.stat(h.fd).st_mode & (stat.S_ISUID | stat.S_ISGID):
                     # Writes must reach the session so it can clear set-ID bits the way the
-                    # kernel would (HANDLE_KILLPRIV_V2); passthrough writes would bypass it.
+                    # kernel would (HANDLE_KILLPRIV_V2).  (The session also registers backing
+                    # files without CAP_FSETID, so passthrough writes clear them too; this
+                    # keeps set-ID files on the path that is checked by the session.)
                     return None
             except OSError:
                 return None

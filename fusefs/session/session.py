@@ -133,7 +133,7 @@ class Session:
         max_pages: int = 255,
         max_background: int = 64,
         read_ahead_kb: int = 1024,
-        min_spliced_write: int = 64 * 1024,
+        min_spliced_write: int = 4096,
         ready: Callable[[], None] | None = None,
         debug: bool = False,
     ) -> None:

@@ -198,6 +198,15 @@ class ChangeSink(Protocol):
         """Take note of one applied change."""
 
 
+class DurableSink(ChangeSink, Protocol):
+    """A sink that can promise durability: the mirror awaits ``barrier()`` at the end of every
+    fsync, fsyncdir and flush (close), so with synchronous replication those return only once
+    every change recorded so far is durable at the target."""
+
+    async def barrier(self) -> None:
+        """Return once every change recorded before this call is durable."""
+
+
 class NullSink:
     """The sink of a mirror without a target: records nothing (and the mirror skips it)."""
 

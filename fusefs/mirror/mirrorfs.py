@@ -386,6 +386,7 @@ class MirrorFS(Operations):
         self._sink: ChangeSink = changes if changes is not None else NullSink()
         #: Track names and report changes only for a real sink (keeps the null case cheap).
         self._track = changes is not None and not isinstance(changes, NullSink)
+        self._barrier = getattr(changes, "barrier", None) if self._track else None
         self._is_root = os.geteuid() == 0
         self._dev = st.st_dev
         self._next_id = _COUNTER_BASE
@@ -949,6 +950,8 @@ class MirrorFS(Operations):
     async def flush(self, fh: int) -> None:
         """close(dup(fd)): lets a backing fs that acts on close (NFS) see this close."""
         os.close(os.dup(self._handle(fh).fd))
+        if self._barrier is not None:
+            await self._barrier()
 
     @_fuse_errors
     async def release(self, fh: int) -> None:
@@ -971,6 +974,8 @@ class MirrorFS(Operations):
         """fsync/fdatasync in a worker thread."""
         fd = self._handle(fh).fd
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        if self._barrier is not None:
+            await self._barrier()
 
     # -- zero-copy and extra file operations (fusefs.ops extensions) --------------------------
 
@@ -1112,6 +1117,8 @@ class MirrorFS(Operations):
         except KeyError:
             raise FUSEError(errno.EBADF) from None
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        if self._barrier is not None:
+            await self._barrier()
 
     # -- filesystem -------------------------------------------------------------------------
 

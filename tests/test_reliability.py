@@ -47,46 +47,15 @@ from tests.mounting import Mount, MountFactory
 
 pytestmark = pytest.mark.reliability
 
-#: (session, data mode) pairs the equivalence tests run on.  pyfuse3's session always copies.
-COMBOS = [
-    pytest.param("fusefs", "copy", id="fusefs-copy"),
-    pytest.param("fusefs", "splice", id="fusefs-splice"),
-    pytest.param("fusefs", "passthrough", id="fusefs-passthrough"),
-    pytest.param("pyfuse3", "copy", id="pyfuse3"),
-]
+COMBOS = ro.COMBOS
 #: Seeds of the short random runs (FUSEFS_RELIABILITY_SEED adds one more).
 SEEDS = [1, 2, 3]
 if os.environ.get("FUSEFS_RELIABILITY_SEED"):
     SEEDS.append(int(os.environ["FUSEFS_RELIABILITY_SEED"]))
 RANDOM_OPS = 1500
-STATS_XATTR = "user.fusefs.stats"
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def mount_mode(
-    mount_factory: MountFactory,
-    session: str,
-    mode: str,
-    *,
-    options: tuple[str, ...] = (),
-    **kw: Any,
-) -> Mount:
-    """A mount of ``backing`` on ``session`` with data mode ``mode``, checked to be in effect.
-
-    Skips only when passthrough was asked for and the kernel did not grant it.
-    """
-    opts = (f"data={mode}", *options) if session == "fusefs" else options
-    mount = mount_factory(options=opts, session_name=session, **kw)
-    if session == "fusefs":
-        stats = json.loads(os.getxattr(mount.mountpoint, STATS_XATTR))
-        if stats["data_mode"] != mode:
-            reason = stats.get("data_mode_reason", "")
-            if mode == "passthrough" and "kernel did not grant" in reason:
-                pytest.skip(f"this kernel lacks FUSE_PASSTHROUGH: {reason}")
-            pytest.fail(f"asked for data={mode}, the session uses {stats['data_mode']}: {reason}")
-    return mount
 
 
 @pytest.fixture
@@ -126,10 +95,6 @@ def run_bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
     return result[0] if result else None
 
 
-def stats_of(mnt: Path) -> dict[str, Any]:
-    return json.loads(os.getxattr(mnt, STATS_XATTR))
-
-
 # --- regression tests for bugs the random runs found -------------------------------------------
 
 
@@ -161,7 +126,7 @@ def test_mmap_write_through_append_handle(
     """Pages written through a shared mapping of a file opened O_APPEND reach the backing
     file at their offset (found by the random runs: the mirror opened the backing file
     O_APPEND too, so the kernel's page writeback, which carries offsets, appended instead)."""
-    mnt = mount_mode(mount_factory, session, mode).mountpoint
+    mnt = ro.mount_mode(mount_factory, session, mode).mountpoint
     fd = os.open(mnt / "f", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.ftruncate(fd, 8192)
@@ -181,7 +146,7 @@ def test_passthrough_second_open(mount_factory: MountFactory, session: str) -> N
     """With data=passthrough a file can be opened while it is open already (found by the
     random runs: every open registered its own backing id, and the kernel refuses a second
     backing file for an inode with EIO)."""
-    mnt = mount_mode(mount_factory, session, "passthrough").mountpoint
+    mnt = ro.mount_mode(mount_factory, session, "passthrough").mountpoint
     p = mnt / "f"
     p.write_bytes(b"abc")
     fd = os.open(p, os.O_RDONLY)
@@ -218,7 +183,7 @@ def test_random_equivalence(
 ) -> None:
     """Seeded random operation sequences give the same results on the mount as on a plain
     directory, and leave the same trees (through the mount and in the backing directory)."""
-    mount = mount_mode(mount_factory, session, mode)
+    mount = ro.mount_mode(mount_factory, session, mode)
     avoid = ro.avoid_for(session, mode)
     with watchdog(mount) as dog:
         for seed in SEEDS:
@@ -448,7 +413,7 @@ def test_equivalence_state_machine(
     mount_factory: MountFactory, session: str, mode: str, plain: Path, backing: Path
 ) -> None:
     """Hypothesis-driven operation sequences (shrunk by hypothesis on failure)."""
-    mount = mount_mode(mount_factory, session, mode)
+    mount = ro.mount_mode(mount_factory, session, mode)
     machine = machine_for(mount.mountpoint, plain, backing, ro.avoid_for(session, mode))
     with watchdog(mount) as dog:
         machine.dog = dog
@@ -484,7 +449,7 @@ def test_concurrent_writers_no_torn_data(
     one complete write, at its place, through the mount and in the backing file."""
     import multiprocessing
 
-    mount = mount_mode(mount_factory, session, mode)
+    mount = ro.mount_mode(mount_factory, session, mode)
     mnt = mount.mountpoint
     shared = mnt / "shared"
     with open(shared, "wb") as f:
@@ -564,7 +529,7 @@ def test_parallel_cp_a(mount_factory: MountFactory, session: str, mode: str, bac
     ro.make_tree(str(backing / "src"), TREE_FILES, seed=7)
     for i in range(0, TREE_FILES, 500):  # some xattrs for cp -a to carry
         os.setxattr(backing / "src" / f"d{i // 200:03d}" / f"file{i:06d}", "user.k", b"v%d" % i)
-    mount = mount_mode(mount_factory, session, mode)
+    mount = ro.mount_mode(mount_factory, session, mode)
     mnt = mount.mountpoint
     procs = [
         subprocess.Popen(
@@ -605,7 +570,7 @@ def test_stat_storm_during_renames(
         (backing / d).mkdir()
     for i in range(RENAMED_FILES):
         (backing / "a" / f"f{i}").write_bytes(b"%d" % i)
-    mount = mount_mode(mount_factory, session, mode)
+    mount = ro.mount_mode(mount_factory, session, mode)
     mnt = mount.mountpoint
     stop = threading.Event()
     errnos: dict[str, int] = {}
@@ -702,7 +667,7 @@ def test_kill_daemon_during_writes(
     fsync'd before the kill."""
     import multiprocessing
 
-    mount = mount_mode(mount_factory, session, mode, expect_clean_exit=False)
+    mount = ro.mount_mode(mount_factory, session, mode, expect_clean_exit=False)
     mnt = mount.mountpoint
     (mnt / "w").mkdir()
     side = tmp_path / "fsynced.txt"  # outside the mount
@@ -730,7 +695,7 @@ def test_kill_daemon_during_writes(
     verified, problems = ro.check_fsynced(str(backing / "w"), str(side))
     assert not problems, problems
     assert verified > 0
-    again = mount_mode(mount_factory, session, mode, mountpoint=mnt)
+    again = ro.mount_mode(mount_factory, session, mode, mountpoint=mnt)
     assert probe_errno(again.mountpoint / "w") == "ok"
     with open(backing / "w" / "c0", "rb") as f:
         head = f.read(ro.CRASH_BLOCK)
@@ -757,7 +722,7 @@ def test_kill_application_mid_write(
     open file handles return to their baseline (RELEASE arrives for every open)."""
     import multiprocessing
 
-    mount = mount_mode(mount_factory, session, mode)
+    mount = ro.mount_mode(mount_factory, session, mode)
     mnt = mount.mountpoint
     assert mount.pid is not None
     paths = [str(mnt / f"f{i}") for i in range(8)]
@@ -801,7 +766,7 @@ def drop_caches() -> None:
 def test_open_close_many_times(mount_factory: MountFactory, session: str, mode: str) -> None:
     """10,000 open/close cycles: the daemon's open handles return to baseline and its memory
     stays bounded."""
-    mount = mount_mode(mount_factory, session, mode)
+    mount = ro.mount_mode(mount_factory, session, mode)
     mnt = mount.mountpoint
     assert mount.pid is not None
     (mnt / "d").mkdir()
@@ -830,7 +795,7 @@ def test_inode_table_shrinks_after_drop_caches(
 ) -> None:
     """Creating and stat'ing 5,000 files grows the mirror's inode table (one O_PATH fd each);
     once the kernel drops its caches (FORGET) the table is back near its baseline."""
-    mount = mount_mode(mount_factory, session, mode)
+    mount = ro.mount_mode(mount_factory, session, mode)
     mnt = mount.mountpoint
     assert mount.pid is not None
     (mnt / "many").mkdir()

@@ -76,17 +76,19 @@ class Serve:
 
 
 class Mounted:
-    def __init__(self, tmp: Path, backing: Path, serve: Serve, data: str = "auto") -> None:
+    def __init__(
+        self, tmp: Path, backing: Path, serve: Serve, data: str = "auto", replicate: str = "async"
+    ) -> None:
         self.mountpoint = tmp / "mnt"
         self.mountpoint.mkdir(exist_ok=True)
         self.log_dir = tmp / "replog"
         self.log = tmp / "mount.log"
         self.serve = serve
         cmd = [
-            sys.executable, str(HERE / "test_replica_runmount.py"), str(backing),
-            str(self.mountpoint), "--target", f"127.0.0.1:{serve.port}",
+            sys.executable, "-m", "fusefs", "mount", "-f", str(backing),
+            str(self.mountpoint), "-o", f"data={data}", "--target", f"127.0.0.1:{serve.port}",
             "--key-file", str(serve.key_file), "--replica-log-dir", str(self.log_dir),
-            "--data", data, "--source", "e2e",
+            "--replicate", replicate, "--source", "e2e",
         ]  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=fusefs_env())
@@ -151,7 +153,7 @@ def converge(backing: Path, replica: Path, serve: Serve, mounted: Mounted) -> No
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fusefs.replica.cli", *args],
+        [sys.executable, "-m", "fusefs", *args],
         capture_output=True,
         text=True,
         env=fusefs_env(),
@@ -274,3 +276,39 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1
     r = run_cli("status", str(tmp_path))
     assert r.returncode == 1 and "replication target" in r.stderr
+
+
+def test_sync_mode_fsync_returns_only_once_the_replica_holds_the_data(
+    tmp_path: Path, dirs: tuple[Path, Path, Serve]
+) -> None:
+    """--replicate sync: when fsync() on the mount returns, the target already has the bytes
+    (checked right after the call, no waiting).  The writer runs in a subprocess with a timeout:
+    a sync barrier that never returns must fail the test, not hang it."""
+    backing, replica, serve = dirs
+    serve.start()
+    mounted = Mounted(tmp_path, backing, serve, data="auto", replicate="sync")
+    script = """
+import os, sys
+mnt, rep = sys.argv[1], sys.argv[2]
+for i in range(5):
+    data = os.urandom(300_000 + i)
+    fd = os.open(f"{mnt}/s{i}", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, data)
+    os.fsync(fd)
+    with open(f"{rep}/s{i}", "rb") as f:
+        assert f.read() == data, i
+    os.close(fd)
+print("ok")
+"""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(mounted.mountpoint), str(replica)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+        converge(backing, replica, serve, mounted)
+    finally:
+        mounted.close()

@@ -134,6 +134,7 @@ class Session:
         max_background: int = 64,
         read_ahead_kb: int = 1024,
         min_spliced_write: int = 4096,
+        max_copied_read: int = 4096,
         ready: Callable[[], None] | None = None,
         debug: bool = False,
     ) -> None:
@@ -148,6 +149,9 @@ class Session:
         self.max_background = max_background
         self.read_ahead_kb = read_ahead_kb
         self.min_spliced_write = min_spliced_write
+        # A one-page READ costs fewer syscalls copied (pread + write) than spliced (fstat,
+        # header write, two splices); such replies are copied and counted as copied.
+        self.max_copied_read = max_copied_read
         self.ready = ready
         self.debug = debug
         self.counters = Counters()
@@ -606,7 +610,7 @@ class Session:
 
     async def _read(self, req: Any) -> Reply:
         c = self.counters
-        if self.splice_reads:
+        if self.splice_reads and req.size > self.max_copied_read:
             rng = await self.ops.read_range(req.fh, req.offset, req.size)
             args = (self._pipes, self.devfd, req.unique, rng.fd, rng.offset, rng.size)
             try:

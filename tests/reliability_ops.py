@@ -137,7 +137,16 @@ def first_difference(a: bytes, b: bytes) -> str:
 def zeros_where_data(fd: int, guide: int, start: int, end: int) -> bool:
     """Whether bytes [start, end) of ``fd`` read as zeros, reading only where the file
     ``guide`` (same contents, e.g. the plain world's copy) has data: holes of terabytes cost
-    nothing.  A write-only ``fd`` counts as zeros (nothing to judge with)."""
+    nothing.  A write-only ``fd`` counts as zeros (nothing to judge with).  File offsets are
+    left as they were."""
+    saved = os.lseek(guide, 0, os.SEEK_CUR)
+    try:
+        return _zeros_where_data(fd, guide, start, end)
+    finally:
+        os.lseek(guide, saved, os.SEEK_SET)
+
+
+def _zeros_where_data(fd: int, guide: int, start: int, end: int) -> bool:
     pos = start
     while pos < end:
         try:
@@ -507,7 +516,7 @@ class Engine:
         (read-ahead through the mount caches others than direct reads).  Both are right if
         the range between them reads as zeros on both sides (SEEK_DATA; "no data" = EOF) or
         each lands on a zero byte or EOF (SEEK_HOLE).  Then the mount's fd offset is moved to
-        the plain answer so later sequential I/O stays comparable.  None if both are right."""
+        the plain one so later sequential I/O stays comparable.  None if both are right."""
         _, slot, off, whence = op
         if {a[0], b[0]} - {"ok", "err"} or ("err" in (a[0], b[0]) and whence == os.SEEK_HOLE):
             return "different outcomes"
@@ -531,8 +540,7 @@ class Engine:
                     and zeros_where_data(fd_p, fd_p, pos, pos + 1)
                 ):
                     return f"SEEK_HOLE answer {pos} is not in a hole"  # fmt: skip
-        if b[0] == "ok":
-            os.lseek(fd_m, pos_p, os.SEEK_SET)
+        os.lseek(fd_m, os.lseek(fd_p, 0, os.SEEK_CUR), os.SEEK_SET)
         return None
 
     def check(self, index: int | None = None, backing: bool = False) -> Mismatch | None:

@@ -223,7 +223,12 @@ def parse_options(values: Iterable[str], base: MountOptions | None = None) -> Mo
     for text in values:
         for item in split_option_string(text):
             _parse_one(item, changes)
-    return replace(base or MountOptions(), **changes)
+    opts = replace(base or MountOptions(), **changes)
+    if opts.allow_other and not opts.default_permissions:
+        # The daemon applies every operation with its own rights (root, usually): with other
+        # users on the mount, only the kernel's mode-bit checks keep them to their own rights.
+        opts = replace(opts, default_permissions=True)
+    return opts
 
 
 def _parse_one(item: str, changes: dict[str, Any]) -> None:

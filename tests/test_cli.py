@@ -114,7 +114,12 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     text = capsys.readouterr().out
-    assert "mount" in text and "stats" in text and "serve" not in text
+    for word in ("mount", "stats", "serve", "restore", "verify", "status"):
+        assert word in text, word
+    for sub in ("serve", "restore", "verify", "status"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([sub, "--help"])
+        assert "--key-file" in capsys.readouterr().out or sub == "status"
 
 
 def test_mount_word_is_optional() -> None:

@@ -99,7 +99,9 @@ def test_mount_helper_options_are_ignored(ignored: str) -> None:
 
 def test_fstab_line_options() -> None:
     # what mount(8) + mount.fuse3 pass for "defaults,allow_other"
-    assert parse_options(["rw,nosuid,nodev,allow_other"]) == MountOptions(allow_other=True)
+    assert parse_options(["rw,nosuid,nodev,allow_other"]) == MountOptions(
+        allow_other=True, default_permissions=True
+    )
 
 
 @pytest.mark.parametrize(
@@ -143,7 +145,13 @@ def test_split_and_escape() -> None:
 
 def test_option_string_round_trip() -> None:
     opts = MountOptions(
-        allow_other=True, ro=True, fsname="/a,b", attr_timeout=0.5, data="copy", max_pages=32
+        allow_other=True,
+        default_permissions=True,
+        ro=True,
+        fsname="/a,b",
+        attr_timeout=0.5,
+        data="copy",
+        max_pages=32,
     )
     assert parse_options([opts.to_option_string()]) == opts
     assert MountOptions().to_option_string() == ""
@@ -196,3 +204,10 @@ def test_parse_mountinfo() -> None:
     assert fuse.mountpoint == "/tmp/with space"
     assert fuse.source == "/srv/back ing"
     assert (fuse.major, fuse.minor, fuse.fstype) == (0, 39, "fuse.fusefs")
+
+
+def test_allow_other_implies_default_permissions() -> None:
+    """Other users on a mount served with the daemon's rights would act as root otherwise."""
+    assert parse_options(["allow_other"]).default_permissions
+    assert not parse_options([]).default_permissions
+    assert "default_permissions" in parse_options(["allow_other"]).fusermount_options()

@@ -472,7 +472,6 @@ class Engine:
         *,
         backing_root: str | os.PathLike[str] | None = None,
         check_every: int = 100,
-        close_before_check: bool = False,
     ) -> None:
         for root in (mount_root, plain_root):
             remove_tree(os.fspath(root))
@@ -481,8 +480,6 @@ class Engine:
         self.plain = World(plain_root)
         self.backing_root = os.fspath(backing_root) if backing_root is not None else None
         self.check_every = check_every
-        #: Close the open files before a whole-tree check (which opens every file again).
-        self.close_before_check = close_before_check
         self.count = 0
         self.per_op: dict[str, int] = dict.fromkeys(OP_NAMES, 0)
         self.errnos: dict[str, int] = {}
@@ -547,9 +544,6 @@ class Engine:
         """Compare open files and whole trees (and the backing tree too, if asked)."""
         index = self.count - 1 if index is None else index
         problems = compare_slots(self.mount, self.plain)
-        if self.close_before_check:
-            self.mount.close_all()
-            self.plain.close_all()
         problems += compare_trees(self.mount.root, self.plain.root)
         if backing and self.backing_root is not None:
             problems += [f"backing: {p}" for p in compare_trees(self.backing_root,
@@ -576,7 +570,6 @@ def replay(
     plain_dir: str | os.PathLike[str],
     backing_dir: str | os.PathLike[str] | None,
     tag: str,
-    avoid: frozenset[str] = frozenset(),
 ) -> Mismatch | None:
     """Run ``ops`` on fresh subdirectories ``tag`` of the three roots; the first mismatch.
 
@@ -586,8 +579,7 @@ def replay(
     mount_root = os.path.join(mount_dir, tag)
     plain_root = os.path.join(plain_dir, tag)
     backing_root = os.path.join(backing_dir, tag) if backing_dir is not None else None
-    engine = Engine(mount_root, plain_root, backing_root=backing_root, check_every=0,
-                    close_before_check="passthrough-reopen" in avoid)  # fmt: skip
+    engine = Engine(mount_root, plain_root, backing_root=backing_root, check_every=0)
     try:
         return engine.run(ops)
     finally:
@@ -671,9 +663,9 @@ def load_reproducer(path: str | os.PathLike[str]) -> tuple[list[Op], dict[str, A
 
 @dataclass(frozen=True)
 class KnownBug:
-    """A bug found and not fixed yet: what triggers it is left out of random runs of the
-    sessions and data modes it affects (so they keep finding other bugs) until it is fixed.
-    Each has a regression test in tests/test_reliability.py."""
+    """A bug found and not fixed yet (or a limitation): what triggers it is left out of
+    random runs of the sessions and data modes it affects, so they keep finding other bugs.
+    A bug has a regression test in tests/test_reliability.py; its entry goes once fixed."""
 
     what: str
     test: str
@@ -682,47 +674,39 @@ class KnownBug:
     modes: frozenset[str] = frozenset({"copy", "splice", "passthrough"})
 
 
-KNOWN_BUGS: dict[str, KnownBug] = {
-    "setxattr-flags": KnownBug(
-        "our session drops SETXATTR flags (XATTR_CREATE/XATTR_REPLACE are ignored)",
-        "test_setxattr_create_replace_flags",
-        sessions=frozenset({"fusefs"}),
-    ),
-    "append-writeback": KnownBug(
-        "the mirror opens backing files O_APPEND, so page writeback WRITEs (mmap) that "
-        "carry an offset land at the end of the file instead",
-        "test_mmap_write_through_append_handle",
-        modes=frozenset({"copy", "splice"}),
-    ),
-    "passthrough-reopen": KnownBug(
-        "a second open of a file that is open already fails with EIO (a new backing id per "
-        "open; the kernel allows one backing file per inode)",
-        "test_passthrough_second_open",
-        sessions=frozenset({"fusefs"}),
-        modes=frozenset({"passthrough"}),
+#: Bugs found and not fixed yet.  Fixed so far (their regression tests stay):
+#: setxattr-flags (test_setxattr_create_replace_flags), append-writeback
+#: (test_mmap_write_through_append_handle), passthrough-reopen (test_passthrough_second_open),
+#: the INTERRUPT livelock (test_kill_application_mid_write), allow_other without
+#: default_permissions (test_permissions_as_another_user).
+KNOWN_BUGS: dict[str, KnownBug] = {}
+
+#: What a session or data mode cannot do by design (not bugs): left out of its random runs.
+LIMITATIONS: dict[str, KnownBug] = {
+    "fallocate": KnownBug(
+        "pyfuse3 has no fallocate handler: the kernel answers EOPNOTSUPP",
+        "",
+        sessions=frozenset({"pyfuse3"}),
     ),
     "passthrough-suid": KnownBug(
-        "a write by root through a passthrough open clears the set-user-ID bit (natively, and "
-        "with copy/splice, CAP_FSETID keeps it)",
+        "data=passthrough registers backing files without CAP_FSETID (so that unprivileged "
+        "writers clear set-ID bits, as natively); a write by root through a file opened "
+        "before it became set-ID then clears the bits too",
         "test_root_write_keeps_setuid",
         sessions=frozenset({"fusefs"}),
         modes=frozenset({"passthrough"}),
     ),
 }
 
-#: What a session cannot do by design (not bugs): left out of its random runs.
-LIMITATIONS: dict[str, dict[str, str]] = {
-    "pyfuse3": {
-        "fallocate": "pyfuse3 has no fallocate handler: the kernel answers EOPNOTSUPP",
-    },
-}
-
 
 def avoid_for(session: str, mode: str) -> frozenset[str]:
     """Known bugs and limitations that random runs on this session and mode leave out."""
     mode = "copy" if session == "pyfuse3" else mode
-    bugs = {n for n, b in KNOWN_BUGS.items() if session in b.sessions and mode in b.modes}
-    return frozenset(bugs | set(LIMITATIONS.get(session, {})))
+    return frozenset(
+        name
+        for name, b in (*KNOWN_BUGS.items(), *LIMITATIONS.items())
+        if session in b.sessions and mode in b.modes
+    )
 
 
 NAMES = ("f0", "f1", "f2", "f3", "d0", "d1")
@@ -741,26 +725,14 @@ def sanitize(op: Op, avoid: frozenset[str]) -> Op | None:
     name = op[0]
     if name in avoid:
         return None
-    if name == "open" and "append-writeback" in avoid:
-        op = (*op[:3], op[3] & ~os.O_APPEND, *op[4:])
     if name == "open" and "passthrough-suid" in avoid:
         op = (*op[:4], op[4] & ~0o6000)
-    if name == "setxattr" and "setxattr-flags" in avoid:
-        return (*op[:5], 0)
     if name == "chmod" and "passthrough-suid" in avoid:
         return (*op[:2], op[2] & ~0o6000)
-    if "passthrough-reopen" in avoid and any(slot != 0 for slot in _slots_of(op)):
-        return None  # one open file at a time
     return op
 
 
-def _slots_of(op: Op) -> tuple[int, ...]:
-    if op[0] == "copy_file_range":
-        return (op[1], op[3])
-    return (op[1],) if op[0] in FD_OPS or op[0] == "open" else ()
-
-
-def _open_flags(r: random.Random, avoid: frozenset[str]) -> int:
+def _open_flags(r: random.Random) -> int:
     flags = r.choice((os.O_RDONLY, os.O_WRONLY, os.O_RDWR, os.O_RDWR, os.O_RDWR))
     for bit, p in (
         (os.O_CREAT, 0.5),
@@ -772,8 +744,6 @@ def _open_flags(r: random.Random, avoid: frozenset[str]) -> int:
     ):
         if r.random() < p:
             flags |= bit
-    if "append-writeback" in avoid:
-        flags &= ~os.O_APPEND
     return flags
 
 
@@ -792,8 +762,6 @@ class Generator:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
-        #: One open file at a time while a second open of the same file is broken.
-        self.slots = 1 if "passthrough-reopen" in self.avoid else SLOTS
         weights = {
             "open": 10, "close": 4, "pread": 10, "pwrite": 14, "read": 3, "write": 4,
             "lseek": 3, "ftruncate": 5, "truncate": 2, "fallocate": 4, "mmap_read": 3,
@@ -888,7 +856,7 @@ class Generator:
         r = self.rng
         if self.plain.fds and r.random() < 0.9:
             return r.choice(list(self.plain.fds))
-        return r.randrange(self.slots)
+        return r.randrange(SLOTS)
 
     def mode(self) -> int:
         r = self.rng
@@ -908,7 +876,7 @@ class Generator:
 
     def _gen_open(self) -> Op:
         r = self.rng
-        flags = _open_flags(r, self.avoid)
+        flags = _open_flags(r)
         x = r.random()
         if x < 0.2 or (flags & os.O_CREAT and x < 0.4):
             path = self.new_path()
@@ -916,7 +884,7 @@ class Generator:
             path = self.path(False)
         else:
             path = self.path()
-        return ("open", r.randrange(self.slots), path, flags, self.mode())
+        return ("open", r.randrange(SLOTS), path, flags, self.mode())
 
     def _gen_close(self) -> Op:
         return ("close", self.slot())
@@ -1024,8 +992,6 @@ class Generator:
         r = self.rng
         size = r.randrange(0, 300) if r.random() < 0.95 else r.randrange(300, 5000)
         flags = r.choice((0, 0, os.XATTR_CREATE, os.XATTR_REPLACE))
-        if "setxattr-flags" in self.avoid:
-            flags = 0
         return ("setxattr", self.path(), r.choice(XATTR_NAMES), size, r.getrandbits(32), flags)
 
     def _gen_getxattr(self) -> Op:
@@ -1091,8 +1057,7 @@ def random_run(
     mount_root = os.path.join(mount_dir, tag)
     plain_root = os.path.join(plain_dir, tag)
     backing_root = os.path.join(backing_dir, tag) if backing_dir is not None else None
-    engine = Engine(mount_root, plain_root, backing_root=backing_root, check_every=check_every,
-                    close_before_check="passthrough-reopen" in avoid)  # fmt: skip
+    engine = Engine(mount_root, plain_root, backing_root=backing_root, check_every=check_every)
     gen = Generator(seed, engine.plain, avoid=avoid)
     ops: list[Op] = []
     started = time.monotonic()
@@ -1132,7 +1097,7 @@ def minimize(
 
     def fails(ops: Sequence[Op]) -> bool:
         tag = f"shrink-{result.seed}-{next(counter)}"
-        found = replay(ops, mount_dir, plain_dir, backing_dir, tag, result.avoid)
+        found = replay(ops, mount_dir, plain_dir, backing_dir, tag)
         return found is not None and found.kind == kind
 
     ops = result.ops[: result.mismatch.index + 1]

@@ -390,8 +390,7 @@ def test_huge_sparse_files(
     SEEK_DATA/SEEK_HOLE, mmap and truncation as on a plain directory of the backing
     filesystem (the files are compared by attributes: reading 2 TiB is not the point)."""
     mount = ro.mount_mode(mount_factory, session, mode)
-    # Each file is opened once at a time: "passthrough-reopen" does not apply.
-    avoid = ro.avoid_for(session, mode) - {"passthrough-reopen"}
+    avoid = ro.avoid_for(session, mode)
     engine = ro.Engine(mount.mountpoint / "t", plain / "t", check_every=0)
     try:
         for op in _big_file_ops():

@@ -5,9 +5,9 @@ The equivalence tests apply the same operations (tests/reliability_ops.py) to a 
 mount and to a plain directory on the same filesystem as the backing directory, and compare
 every outcome and, at the end, both whole trees and the backing tree.  Short runs here (a few
 thousand operations and a hypothesis state machine per data mode); long runs with
-``tools/torture``.  Bugs found and not fixed yet are listed in ``reliability_ops.KNOWN_BUGS``
-with their regression test below; the random runs leave their triggers out so they keep
-looking for other bugs.
+``tools/torture``.  Every bug found is kept as a regression test below; while it is not fixed
+it is also listed in ``reliability_ops.KNOWN_BUGS`` so that random runs leave its trigger out
+and keep looking for other bugs.
 
 Every test is bounded in time: blocking calls on the mount run in threads or subprocesses with
 timeouts, and a watchdog aborts the FUSE connection if a run stops making progress.

@@ -107,3 +107,24 @@ def test_rsync_and_tar_into_the_mount(mnt: Path, backing: Path, tmp_path: Path) 
     out = tmp_path / "out"
     subprocess.run(["rsync", "-aHAX", f"{mnt}/rs/", f"{out}/"], check=True)
     assert _same(src, out) == ""
+
+
+def test_backing_removed_while_mounted(mnt_handle: Mount, backing: Path) -> None:
+    """Removing BACKING under a live mount behaves like a deleted working directory: nothing
+    new can be created (ENOENT), files still open or cached stay readable, the daemon keeps
+    serving, and the unmount is clean (the fixture asserts the daemon exits 0)."""
+    mnt = mnt_handle.mountpoint
+    (mnt / "f").write_bytes(b"kept")
+    fd = os.open(mnt / "f", os.O_RDONLY)
+    try:
+        shutil.rmtree(backing)
+        with pytest.raises(FileNotFoundError):
+            (mnt / "new").write_bytes(b"x")
+        with pytest.raises(FileNotFoundError):
+            os.mkdir(mnt / "newdir")
+        assert os.pread(fd, 4, 0) == b"kept"
+        assert not backing.exists()  # nothing was recreated behind our back
+        assert os.statvfs(mnt).f_bsize > 0  # still served
+    finally:
+        os.close(fd)
+        backing.mkdir()  # for the fixture's teardown checks

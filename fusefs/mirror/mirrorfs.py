@@ -45,8 +45,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 import trio
 
-from fusefs import errors
-from fusefs.mirror import _libc
+from fusefs import _libc, errors
 from fusefs.mirror.changes import (
     Change,
     ChangeSink,

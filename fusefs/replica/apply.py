@@ -22,6 +22,7 @@ import os
 import stat
 from collections.abc import Iterator
 
+from fusefs import _libc as _sys
 from fusefs.mirror.changes import (
     Change,
     Create,
@@ -39,7 +40,6 @@ from fusefs.mirror.changes import (
     Unlink,
     Write,
 )
-from fusefs.replica import _sys
 from fusefs.replica.tree import checksum_fd, walk
 from fusefs.replica.wire import Entry
 

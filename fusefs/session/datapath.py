@@ -13,16 +13,14 @@ Passthrough needs nothing per request: at OPEN the backing fd is registered with
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import fcntl
 import os
 import struct
-from collections.abc import Iterator
 
 import trio
 
+from fusefs import _libc
 from fusefs.ops import Payload
 from fusefs.protocol.abi import (
     FUSE_DEV_IOC_BACKING_CLOSE,
@@ -157,47 +155,8 @@ def backing_open(devfd: int, fd: int) -> int:
     this thread's effective set, and writes clear the bits as on the backing filesystem.
     """
     arg = bytearray(struct.pack("<iIQ", fd, 0, 0))
-    with _without_cap_fsetid():
+    with _libc.without_cap_fsetid():
         return fcntl.ioctl(devfd, FUSE_DEV_IOC_BACKING_OPEN, arg, True)
-
-
-_CAP_FSETID = 4
-_CAP_V3 = 0x20080522
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def _without_cap_fsetid() -> Iterator[None]:
-    """Drop CAP_FSETID from this thread's effective capabilities for the duration."""
-    hdr = _CapHeader(_CAP_V3, 0)
-    data = (_CapData * 2)()
-    if _libc.capget(ctypes.byref(hdr), data) != 0 or not data[0].effective & (1 << _CAP_FSETID):
-        yield
-        return
-    saved = data[0].effective
-    data[0].effective = saved & ~(1 << _CAP_FSETID)
-    if _libc.capset(ctypes.byref(hdr), data) != 0:
-        yield
-        return
-    try:
-        yield
-    finally:
-        data[0].effective = saved
-        _libc.capset(ctypes.byref(hdr), data)
 
 
 def backing_close(devfd: int, backing_id: int) -> None:

@@ -6,9 +6,11 @@ with UTIME_OMIT per field, and no AT_EMPTY_PATH variants that act on O_PATH fds.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+from collections.abc import Iterator
 
 __all__ = [
     "AT_EMPTY_PATH",
@@ -21,7 +23,9 @@ __all__ = [
     "name_to_handle",
     "open_by_handle",
     "renameat2",
+    "syncfs",
     "utimens_empty",
+    "without_cap_fsetid",
 ]
 
 AT_EMPTY_PATH = 0x1000
@@ -57,6 +61,16 @@ def _check(res: int) -> None:
     if res != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+_syncfs = _libc.syncfs
+_syncfs.argtypes = [ctypes.c_int]
+_syncfs.restype = ctypes.c_int
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): write back the whole filesystem holding ``fd``."""
+    _check(_syncfs(fd))
 
 
 def renameat2(src_dir_fd: int, src: bytes, dst_dir_fd: int, dst: bytes, flags: int) -> None:
@@ -159,3 +173,39 @@ def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return fd
+
+
+_CAP_FSETID = 4
+_CAP_V3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+@contextlib.contextmanager
+def without_cap_fsetid() -> Iterator[None]:
+    """Drop CAP_FSETID from this thread's effective capabilities for the duration."""
+    hdr = _CapHeader(_CAP_V3, 0)
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(hdr), data) != 0 or not data[0].effective & (1 << _CAP_FSETID):
+        yield
+        return
+    saved = data[0].effective
+    data[0].effective = saved & ~(1 << _CAP_FSETID)
+    if _libc.capset(ctypes.byref(hdr), data) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        _libc.capset(ctypes.byref(hdr), data)

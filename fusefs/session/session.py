@@ -69,6 +69,20 @@ _INTERRUPTIBLE = frozenset(
 _OPNAMES = {int(op): op.name for op in abi.Opcode}
 
 
+def _in_group(pid: int, gid: int, group: int) -> bool:
+    """Whether the caller (primary ``gid``, supplementary groups of ``pid``) is in ``group``."""
+    if gid == group:
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return str(group) in line.split()[1:]
+    except OSError:
+        pass
+    return False  # the caller is gone or hidden: clearing is the safe answer
+
+
 def _opname(op: int) -> str:
     return _OPNAMES.get(op) or f"opcode_{op}"
 
@@ -638,13 +652,17 @@ class Session:
         return rp.reply_data(req.unique, data)
 
     async def _kill_suidgid(self, req: Any) -> None:
-        """What the kernel leaves to us under HANDLE_KILLPRIV_V2: a write, truncate or O_TRUNC
-        open by an unprivileged caller clears setuid, and setgid when group-executable."""
+        """What the kernel leaves to us under HANDLE_KILLPRIV_V2 (it sends the flag only for
+        callers without CAP_FSETID): a write, truncate or O_TRUNC open clears setuid, and
+        setgid when group-executable or when the caller is not in the file's group (the
+        Linux 6.2 rule of setattr_should_drop_sgid)."""
         ctx = self._ctx(req)
         e = await self.ops.getattr(req.nodeid, ctx)
         mode = e.st_mode
         kill = mode & stat.S_ISUID
-        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+        if mode & stat.S_ISGID and (
+            mode & stat.S_IXGRP or not _in_group(req.pid, req.gid, e.st_gid)
+        ):
             kill |= stat.S_ISGID
         if kill:
             attr = EntryAttributes()

@@ -312,3 +312,46 @@ print("ok")
         converge(backing, replica, serve, mounted)
     finally:
         mounted.close()
+
+
+def test_kill9_mount_daemon_then_remount_converges(
+    tmp_path: Path, dirs: tuple[Path, Path, Serve]
+) -> None:
+    """kill -9 of the mount's daemon while it copies (the log and the target hold whatever
+    they hold), lazy unmount, mount again with the same log: the replica converges to BACKING
+    (the log is replayed and the trees compared at start, so nothing written is lost)."""
+    backing, replica, serve = dirs
+    serve.start()
+    m = Mounted(tmp_path, backing, serve)
+    # the writer runs in its own process: its syscalls fail (ENOTCONN) once the daemon is gone
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time\n"
+            "for i in range(100000):\n"
+            "    with open(f'{sys.argv[1]}/w{i}', 'wb') as f:\n"
+            "        f.write(os.urandom(65536))\n"
+            "    time.sleep(0.002)\n",
+            str(m.mountpoint),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.6)
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait(10)
+        assert writer.wait(30) != 0  # it was still writing when the daemon died
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        subprocess.run(["fusermount3", "-uz", str(m.mountpoint)], check=False)
+    assert any(backing.iterdir())
+    m2 = Mounted(tmp_path, backing, serve)
+    try:
+        (m2.mountpoint / "after-restart").write_bytes(os.urandom(50_000))
+        converge(backing, replica, serve, m2)
+    finally:
+        m2.close()

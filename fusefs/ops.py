@@ -20,6 +20,12 @@ looks for a few optional methods that pyfuse3 has no way to express:
     (a pipe), and the filesystem moves it into its backing fd with ``payload.to_fd`` -- and so
     still sees every written range, which replication needs.
 
+``quick_methods: frozenset[str]`` (an attribute)
+    Names of methods that never suspend (no ``await`` that can block: plain syscalls).  Our
+    session runs their requests in its reader task instead of spawning a task each, which
+    halves the per-request CPU; a method that blocks would stall the reader, so list only
+    what is truly quick.  Without it every request gets its own task.
+
 ``passthrough_fd(fh) -> int | None``
     Asked right after OPEN/CREATE: the fd the kernel may serve this open file's I/O from directly
     (FUSE passthrough), or None when the filesystem must see the I/O itself.

@@ -96,6 +96,20 @@ _OPATH = os.O_PATH | os.O_CLOEXEC
 _STRIP_OPEN = os.O_NOFOLLOW | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND
 
 
+_QUICK_ALWAYS = frozenset(
+    {
+        "lookup", "forget", "getattr", "readlink", "release", "opendir", "readdir",
+        "releasedir", "statfs", "access", "getxattr", "listxattr",
+    }
+)  # fmt: skip
+_QUICK_UNTRACKED = frozenset(
+    {
+        "setattr", "mknod", "mkdir", "symlink", "link", "unlink", "rmdir", "rename", "open",
+        "create", "flush", "setxattr", "removexattr",
+    }
+)  # fmt: skip
+
+
 class _Ctx(Protocol):
     """The request context attributes we use (pyfuse3's RequestContext or fusefs.ops's)."""
 
@@ -386,6 +400,10 @@ class MirrorFS(Operations):
         #: Track names and report changes only for a real sink (keeps the null case cheap).
         self._track = changes is not None and not isinstance(changes, NullSink)
         self._barrier = getattr(changes, "barrier", None) if self._track else None
+        #: Methods that never suspend (plain syscalls, no awaits): our session may run them in
+        #: its reader task instead of a task of their own (see fusefs.ops).  With a change
+        #: sink, the methods that report changes await the sink and are left out.
+        self.quick_methods = _QUICK_ALWAYS if self._track else _QUICK_ALWAYS | _QUICK_UNTRACKED
         self._is_root = os.geteuid() == 0
         self._dev = st.st_dev
         self._next_id = _COUNTER_BASE

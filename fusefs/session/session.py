@@ -66,6 +66,33 @@ _INTERRUPTIBLE = frozenset(
         abi.Opcode.FLUSH,
     }
 )
+#: Which requests each Operations method answers (for ``quick_methods``).
+_METHOD_OPCODES: dict[str, tuple[int, ...]] = {
+    "lookup": (abi.Opcode.LOOKUP,),
+    "getattr": (abi.Opcode.GETATTR,),
+    "setattr": (abi.Opcode.SETATTR,),
+    "readlink": (abi.Opcode.READLINK,),
+    "symlink": (abi.Opcode.SYMLINK,),
+    "mknod": (abi.Opcode.MKNOD,),
+    "mkdir": (abi.Opcode.MKDIR,),
+    "unlink": (abi.Opcode.UNLINK,),
+    "rmdir": (abi.Opcode.RMDIR,),
+    "rename": (abi.Opcode.RENAME, abi.Opcode.RENAME2),
+    "link": (abi.Opcode.LINK,),
+    "open": (abi.Opcode.OPEN,),
+    "create": (abi.Opcode.CREATE,),
+    "statfs": (abi.Opcode.STATFS,),
+    "release": (abi.Opcode.RELEASE,),
+    "flush": (abi.Opcode.FLUSH,),
+    "setxattr": (abi.Opcode.SETXATTR,),
+    "getxattr": (abi.Opcode.GETXATTR,),
+    "listxattr": (abi.Opcode.LISTXATTR,),
+    "removexattr": (abi.Opcode.REMOVEXATTR,),
+    "opendir": (abi.Opcode.OPENDIR,),
+    "releasedir": (abi.Opcode.RELEASEDIR,),
+    "access": (abi.Opcode.ACCESS,),
+}
+# READDIR(PLUS) may give lookups back through forget(): quick only if both are.
 _OPNAMES = {int(op): op.name for op in abi.Opcode}
 
 
@@ -185,6 +212,14 @@ class Session:
         self._fh_backing: dict[int, int] = {}  # fh -> backing fd
         self._inflight: dict[int, trio.CancelScope | None] = {}
         self._interrupted: set[int] = set()
+        quick = set(getattr(ops, "quick_methods", ()))
+        self._quick = frozenset(
+            op for name in quick for op in _METHOD_OPCODES.get(name, ()) if op not in _INTERRUPTIBLE
+        ) | (
+            frozenset({abi.Opcode.READDIR, abi.Opcode.READDIRPLUS})
+            if {"readdir", "forget"} <= quick
+            else frozenset()
+        )
         self._bufsize = max(abi.FUSE_MIN_READ_BUFFER, max_pages * 4096 + abi.IN_HEADER_SIZE + 4096)
         self._handlers: dict[int, Callable[[Any], Awaitable[Reply]]] = {
             abi.Opcode.LOOKUP: self._lookup,
@@ -287,10 +322,14 @@ class Session:
                         # task's start is not answered EAGAIN (the kernel would resend it at
                         # once, forever, since tasks run only when this loop yields).
                         self._inflight[req.unique] = None
-                        nursery.start_soon(self._handle, req)
+                        batch += 1
+                        if op in self._quick:
+                            # The filesystem promised this never suspends: no task needed.
+                            await self._handle(req)
+                        else:
+                            nursery.start_soon(self._handle, req)
                         # Tasks run when the device has nothing more for us (wait_readable
                         # yields), or after a batch: no scheduler pass per request.
-                        batch += 1
                         if batch >= 64:
                             batch = 0
                             await trio.lowlevel.checkpoint()

@@ -213,6 +213,7 @@ class Session:
         self._inflight: dict[int, trio.CancelScope | None] = {}
         self._interrupted: set[int] = set()
         quick = set(getattr(ops, "quick_methods", ()))
+        self._quick_forget = "forget" in quick
         self._quick = frozenset(
             op for name in quick for op in _METHOD_OPCODES.get(name, ()) if op not in _INTERRUPTIBLE
         ) | (
@@ -309,7 +310,10 @@ class Session:
                         nursery.start_soon(self._handle, req, payload)
                         continue
                     if op == abi.Opcode.FORGET or op == abi.Opcode.BATCH_FORGET:
-                        nursery.start_soon(self._forget, req)
+                        if self._quick_forget:
+                            await self._forget(req)
+                        else:
+                            nursery.start_soon(self._forget, req)
                     elif op == abi.Opcode.INTERRUPT:
                         self._interrupt(req)
                     elif op == abi.Opcode.INIT:

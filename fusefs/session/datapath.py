@@ -110,8 +110,9 @@ def splice_read_reply(
     """Send a READ reply whose data is spliced from ``fd``; return the data length sent.
 
     The length is fixed before splicing (from fstat), as the header must come first.  If the
-    file changed under us and fewer bytes arrive, the caller gets :class:`SpliceShort` with the
-    bytes that did and answers by copying; an OSError means nothing was sent.
+    file shrank under us and fewer bytes arrive, the caller gets :class:`SpliceShort` with the
+    bytes that did (the file's new end) and answers with them; an OSError (BlockingIOError
+    when the reply does not fit the pipe) means nothing was sent: the caller copies instead.
     """
     st_size = os.fstat(fd).st_size
     n = max(0, min(size, st_size - offset))
@@ -133,10 +134,10 @@ def splice_read_reply(
         if k != 16 + n:  # the device takes whole messages; anything else is a broken pipe state
             pool.discard(pair)
             raise OSError(errno.EIO, "short splice into /dev/fuse")
-    except BlockingIOError as e:  # pipe full: the reply does not fit; send what we have by copy
-        data = _drain(r, pool.size)[16:]
+    except BlockingIOError:  # pipe full: the reply does not fit; the caller copies it whole
+        _drain(r, pool.size)
         pool.put(pair)
-        raise SpliceShort(data) from e
+        raise
     except SpliceShort:
         raise
     except OSError:

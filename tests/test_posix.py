@@ -34,7 +34,14 @@ from typing import Any
 
 import pytest
 
+from tests import variants
 from tests.mounting import Mount
+
+# The variants every test runs under: fixtures overriding the shared ones of conftest.py.
+VARIANTS = variants.VARIANTS
+variant = variants.variant
+session = variants.session
+mnt_handle = variants.mnt_handle
 
 # -- libc calls os lacks -------------------------------------------------------------------------
 
@@ -328,35 +335,6 @@ def plain(tmp_path: Path) -> Path:
     path = tmp_path / "plain"
     path.mkdir()
     return path
-
-
-#: The variants every test runs under: our session with its default data path (kernel
-#: passthrough on this kernel), our session forced to splice (the daemon sees every READ and
-#: WRITE), and pyfuse3's session.
-VARIANTS = {
-    "fusefs": ("fusefs", ()),
-    "fusefs-splice": ("fusefs", ("data=splice",)),
-    "pyfuse3": ("pyfuse3", ()),
-}
-
-
-@pytest.fixture(params=list(VARIANTS))
-def variant(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
-@pytest.fixture
-def session(variant: str) -> str:
-    """Overrides the shared fixture: the session of this module's variant."""
-    return VARIANTS[variant][0]
-
-
-@pytest.fixture
-def mnt_handle(mount_factory: Any, variant: str) -> Mount:
-    """Overrides the shared fixture: the mount of this module's variant."""
-    mount: Mount = mount_factory(options=VARIANTS[variant][1])
-    return mount
 
 
 @pytest.fixture

@@ -20,34 +20,15 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import Mount
+from tests import variants
+
+# The variants every test runs under: fixtures overriding the shared ones of conftest.py.
+VARIANTS = variants.VARIANTS
+variant = variants.variant
+session = variants.session
+mnt_handle = variants.mnt_handle
 
 MiB = 1 << 20
-
-VARIANTS = {
-    "fusefs": ("fusefs", ()),
-    "fusefs-splice": ("fusefs", ("data=splice",)),
-    "pyfuse3": ("pyfuse3", ()),
-}
-
-
-@pytest.fixture(params=list(VARIANTS))
-def variant(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
-@pytest.fixture
-def session(variant: str) -> str:
-    """Overrides the shared fixture: the session of this module's variant."""
-    return VARIANTS[variant][0]
-
-
-@pytest.fixture
-def mnt_handle(mount_factory: Any, variant: str) -> Mount:
-    """Overrides the shared fixture: the mount of this module's variant."""
-    mount: Mount = mount_factory(options=VARIANTS[variant][1])
-    return mount
 
 
 def run(cmd: Sequence[str], cwd: Path | None = None, **kw: Any) -> str:

@@ -268,7 +268,6 @@ class Session:
         batch = 0
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 while True:
                     payload: PipePayload | None = None
                     try:

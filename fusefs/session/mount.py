@@ -21,6 +21,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -398,8 +399,15 @@ def set_read_ahead(mountpoint: str, kb: int) -> bool:
     try:
         st = os.stat(mountpoint)
         bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
-        with open(bdi, "w", encoding="ascii") as f:
-            f.write(f"{kb}\n")
+        # The kernel lowers read-ahead to INIT's max_readahead when it takes the INIT reply;
+        # if that lands after our write, write again (a few times, a little later).
+        for _ in range(5):
+            with open(bdi, "w", encoding="ascii") as f:
+                f.write(f"{kb}\n")
+            time.sleep(0.02)
+            with open(bdi, encoding="ascii") as f:
+                if f.read().strip() == str(kb):
+                    break
     except OSError as e:
         log.warning("could not set read_ahead_kb=%d for %s: %s", kb, mountpoint, e)
         return False

@@ -48,6 +48,7 @@ from fusefs.session.datapath import (
     splice_read_reply,
     splice_request,
 )
+from fusefs.session.mount import set_read_ahead
 
 log = logging.getLogger("fusefs.session")
 
@@ -498,18 +499,9 @@ class Session:
     async def _after_init(self) -> None:
         """Once the kernel can reach us: raise readahead (root only), then say we are ready."""
         if self.read_ahead_kb and os.geteuid() == 0:
-            await trio.to_thread.run_sync(self._set_read_ahead)
+            await trio.to_thread.run_sync(set_read_ahead, self.mountpoint, self.read_ahead_kb)
         if self.ready is not None:
             self.ready()
-
-    def _set_read_ahead(self) -> None:
-        try:
-            dev = os.stat(self.mountpoint).st_dev
-            path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
-            with open(path, "w") as f:
-                f.write(str(self.read_ahead_kb))
-        except OSError as e:
-            log.info("could not set read_ahead_kb: %s", e)
 
     # ----------------------------------------------------------------- helpers
 

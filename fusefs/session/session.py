@@ -111,6 +111,19 @@ def _in_group(pid: int, gid: int, group: int) -> bool:
     return False  # the caller is gone or hidden: clearing is the safe answer
 
 
+_SETS_ATIME = abi.FATTR_ATIME | abi.FATTR_ATIME_NOW
+
+
+def _describe(req: Any) -> str:
+    """One log line per request: opcode, unique, node and the fields that name things."""
+    parts = [f"{_opname(req.opcode)} #{req.unique} node={req.nodeid}"]
+    for field in ("name", "newname", "fh", "offset", "size", "flags", "valid"):
+        value = getattr(req, field, None)
+        if value is not None:
+            parts.append(f"{field}={bytes(value)!r}" if "name" in field else f"{field}={value}")
+    return " ".join(parts)
+
+
 def _opname(op: int) -> str:
     return _OPNAMES.get(op) or f"opcode_{op}"
 
@@ -213,6 +226,10 @@ class Session:
         self._fh_backing: dict[int, int] = {}  # fh -> backing fd
         self._inflight: dict[int, trio.CancelScope | None] = {}
         self._interrupted: set[int] = set()
+        #: READs being served, per node, and events for SETATTRs waiting for them to finish
+        #: (see _setattr_after_reads).
+        self._reading: dict[int, int] = {}
+        self._reads_done: dict[int, trio.Event] = {}
         quick = set(getattr(ops, "quick_methods", ()))
         self._quick_forget = "forget" in quick
         self._quick = frozenset(
@@ -237,7 +254,7 @@ class Session:
             abi.Opcode.RENAME2: self._rename,
             abi.Opcode.LINK: self._link,
             abi.Opcode.OPEN: self._open,
-            abi.Opcode.READ: self._read,
+            abi.Opcode.READ: self._counted_read,
             abi.Opcode.WRITE: self._write,
             abi.Opcode.STATFS: self._statfs,
             abi.Opcode.RELEASE: self._release,
@@ -305,6 +322,8 @@ class Session:
                         continue
                     op = req.opcode
                     self.counters.requests[_opname(op)] += 1
+                    if self.debug:
+                        log.debug("request %s", _describe(req))
                     if payload is not None:
                         self._inflight[req.unique] = None
                         nursery.start_soon(self._handle, req, payload)
@@ -327,10 +346,18 @@ class Session:
                         # once, forever, since tasks run only when this loop yields).
                         self._inflight[req.unique] = None
                         batch += 1
-                        if op in self._quick:
+                        if (
+                            op == abi.Opcode.SETATTR
+                            and req.valid & _SETS_ATIME
+                            and req.nodeid in self._reading
+                        ):
+                            nursery.start_soon(self._setattr_after_reads, req)
+                        elif op in self._quick:
                             # The filesystem promised this never suspends: no task needed.
                             await self._handle(req)
                         else:
+                            if op == abi.Opcode.READ:
+                                self._reading[req.nodeid] = self._reading.get(req.nodeid, 0) + 1
                             nursery.start_soon(self._handle, req)
                         # Tasks run when the device has nothing more for us (wait_readable
                         # yields), or after a batch: no scheduler pass per request.
@@ -655,6 +682,36 @@ class Session:
             flags,
             bid,
         )
+
+    async def _counted_read(self, req: Any) -> Reply:
+        """READ, uncounted from _reading when done (the reader loop counted it in)."""
+        node = req.nodeid
+        reading = self._reading
+        try:
+            return await self._read(req)
+        finally:
+            left = reading[node] - 1
+            if left:
+                reading[node] = left
+            else:
+                del reading[node]
+                done = self._reads_done.pop(node, None)
+                if done is not None:
+                    done.set()
+
+    async def _setattr_after_reads(self, req: Any) -> None:
+        """Set atime only once the READs in flight on the node have read the backing file.
+
+        Readahead READs are the kernel's own and may still be in flight when the application,
+        whose read returned long ago, sets atime; served afterwards they would touch the
+        backing file's atime again (relatime does when mtime >= atime), undoing the SETATTR.
+        """
+        while req.nodeid in self._reading:
+            done = self._reads_done.get(req.nodeid)
+            if done is None:
+                done = self._reads_done[req.nodeid] = trio.Event()
+            await done.wait()
+        await self._handle(req)
 
     async def _read(self, req: Any) -> Reply:
         c = self.counters

@@ -1,0 +1,76 @@
+"""Ordering the session guarantees between requests in flight, checked without a mount: a
+``SOCK_SEQPACKET`` socketpair stands in for /dev/fuse (as in test_fuzz.py)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+from fusefs.mirror.mirrorfs import MirrorFS
+from fusefs.protocol import abi
+from fusefs.protocol.abi import Opcode
+from fusefs.session.session import Session
+from tests.test_fuzz import _recv, frame
+
+
+def _setattr(unique: int, valid: int) -> bytes:
+    body = abi.SETATTR_IN.pack(valid, 0, 0, 0, 0, 5, 6, 0, 0, 0, 0, 0o644, 0, 0, 0, 0)
+    return frame(Opcode.SETATTR, body, unique=unique)
+
+
+def _read(unique: int) -> bytes:
+    return frame(Opcode.READ, abi.READ_IN.pack(1, 0, 4096, 0, 0, 0, 0), unique=unique)
+
+
+async def test_atime_setattr_waits_for_reads_in_flight(tmp_path: Path) -> None:
+    """A SETATTR that sets atime is applied only after the READs in flight on the same node
+    have read the backing file (a late readahead READ would otherwise bump the atime just
+    set: found by tools/torture, seed 11000104); a SETATTR of the mode is not held back."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    ops = MirrorFS(backing)
+    order: list[str] = []
+    release_read = trio.Event()
+
+    async def read(fh: int, off: int, size: int) -> bytes:
+        order.append("read started")
+        await release_read.wait()
+        order.append("read done")
+        return b"x" * size
+
+    async def setattr(inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        order.append("atime set" if fields.update_atime else "mode set")
+        return await ops.getattr(inode, ctx)
+
+    ops.read = read  # type: ignore[method-assign]
+    ops.setattr = setattr  # type: ignore[method-assign]
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.setblocking(False)
+    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="copy")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve)
+            kernel.send(_read(10))
+            kernel.send(_setattr(11, abi.FATTR_ATIME | abi.FATTR_MTIME))
+            kernel.send(_setattr(12, abi.FATTR_MODE))
+            _, error, unique = await _recv(kernel)
+            assert (unique, error) == (12, 0)  # the mode: answered while the READ waits
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(order) == ["mode set", "read started"]
+            release_read.set()
+            replies = {(await _recv(kernel))[2] for _ in range(2)}
+            assert replies == {10, 11}
+            assert order[2:] == ["read done", "atime set"]
+            # With no READ in flight an atime SETATTR is answered at once.
+            kernel.send(_setattr(13, abi.FATTR_ATIME_NOW))
+            assert (await _recv(kernel))[1:] == (0, 13)
+            assert session._reading == {} and session._reads_done == {}
+            nursery.cancel_scope.cancel()
+    finally:
+        ours.close()
+        kernel.close()
+        ops.close()

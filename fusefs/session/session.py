@@ -347,7 +347,7 @@ class Session:
                         self._inflight[req.unique] = None
                         batch += 1
                         if (
-                            op == abi.Opcode.SETATTR
+                            isinstance(req, rq.Setattr)
                             and req.valid & _SETS_ATIME
                             and req.nodeid in self._reading
                         ):

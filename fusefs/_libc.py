@@ -20,6 +20,7 @@ __all__ = [
     "fallocate",
     "fchmod_empty",
     "fchown_empty",
+    "fs_magic",
     "name_to_handle",
     "open_by_handle",
     "renameat2",
@@ -66,6 +67,18 @@ def _check(res: int) -> None:
 _syncfs = _libc.syncfs
 _syncfs.argtypes = [ctypes.c_int]
 _syncfs.restype = ctypes.c_int
+
+
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+
+def fs_magic(fd: int) -> int:
+    """f_type of the filesystem holding ``fd`` (statvfs has no such field)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    _check(_fstatfs(fd, buf))
+    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little") & 0xFFFFFFFF
 
 
 def syncfs(fd: int) -> None:

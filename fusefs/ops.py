@@ -26,6 +26,16 @@ looks for a few optional methods that pyfuse3 has no way to express:
     halves the per-request CPU; a method that blocks would stall the reader, so list only
     what is truly quick.  Without it every request gets its own task.
 
+``quick_io_max: int`` (an attribute)
+    READ and WRITE requests of at most this many bytes never suspend in ``read``, ``write``,
+    ``read_range`` and ``write_payload``; our session runs them in its reader task like
+    ``quick_methods``.  Without it (or 0) every READ and WRITE gets a task.
+
+``flush_needed: bool`` (an attribute)
+    False when ``flush()`` (each close() of a file) does nothing an application could observe:
+    our session then opens files with FOPEN_NOFLUSH and the kernel sends no FLUSH at all.
+    Without it every close() is a FLUSH round trip, as under pyfuse3.
+
 ``passthrough_fd(fh) -> int | None``
     Asked right after OPEN/CREATE: the fd the kernel may serve this open file's I/O from directly
     (FUSE passthrough), or None when the filesystem must see the I/O itself.

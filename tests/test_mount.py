@@ -154,6 +154,10 @@ def test_read_ahead_is_set(mount_factory: MountFactory) -> None:
     bdi = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
     if not bdi.exists():
         pytest.skip(f"{bdi} does not exist")
+    # With -f nothing waits for the daemon's post-INIT step that sets it: poll a while.
+    deadline = time.monotonic() + 10
+    while bdi.read_text().strip() != "384" and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert bdi.read_text().strip() == "384", mount.log()
 
 

@@ -46,6 +46,7 @@ async def test_atime_setattr_waits_for_reads_in_flight(tmp_path: Path) -> None:
         order.append("atime set" if fields.update_atime else "mode set")
         return await ops.getattr(inode, ctx)
 
+    ops.quick_io_max = 0  # this read suspends: it must get a task of its own
     ops.read = read  # type: ignore[method-assign]
     ops.setattr = setattr  # type: ignore[method-assign]
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -110,6 +110,20 @@ _QUICK_UNTRACKED = frozenset(
 )  # fmt: skip
 
 
+#: Filesystems whose close() does nothing a caller could observe (statfs f_type): ext2/3/4,
+#: xfs, btrfs, tmpfs, f2fs, zfs, bcachefs.  Anything else (NFS, SMB, FUSE, 9p...) gets FLUSH.
+_QUIET_CLOSE_FS = frozenset(
+    {0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010, 0x2FC12FC1, 0xCA451A4E}
+)
+
+
+def _acts_on_close(fd: int) -> bool:
+    try:
+        return _libc.fs_magic(fd) not in _QUIET_CLOSE_FS
+    except OSError:
+        return True
+
+
 class _Ctx(Protocol):
     """The request context attributes we use (pyfuse3's RequestContext or fusefs.ops's)."""
 
@@ -404,6 +418,12 @@ class MirrorFS(Operations):
         #: its reader task instead of a task of their own (see fusefs.ops).  With a change
         #: sink, the methods that report changes await the sink and are left out.
         self.quick_methods = _QUICK_ALWAYS if self._track else _QUICK_ALWAYS | _QUICK_UNTRACKED
+        #: read/write up to this size are plain syscalls (larger ones go to a worker thread).
+        self.quick_io_max = 0 if self._track else _INLINE_IO
+        #: close() through the mount needs a FLUSH round trip only to wait for a sync
+        #: replica, or for a backing filesystem that acts on close (NFS writes back and
+        #: reports errors there); elsewhere our session opens files with FOPEN_NOFLUSH.
+        self.flush_needed = self._barrier is not None or _acts_on_close(root_fd)
         self._is_root = os.geteuid() == 0
         self._dev = st.st_dev
         self._next_id = _COUNTER_BASE

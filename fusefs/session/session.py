@@ -15,6 +15,7 @@ import errno
 import inspect
 import logging
 import os
+import select
 import signal
 import stat
 import time
@@ -112,6 +113,7 @@ def _in_group(pid: int, gid: int, group: int) -> bool:
 
 
 _SETS_ATIME = abi.FATTR_ATIME | abi.FATTR_ATIME_NOW
+_IDLE_POLL_MS = 20
 
 
 def _describe(req: Any) -> str:
@@ -229,6 +231,14 @@ class Session:
         #: READs being served, per node, and events for SETATTRs waiting for them to finish
         #: (see _setattr_after_reads).
         self._reading: dict[int, int] = {}
+        #: Tasks we spawned that are still alive (see serve: idle waits).
+        self._tasks = 0
+        #: FOPEN_NOFLUSH on every open when the filesystem says close() needs no FLUSH: two
+        #: of rsync's ~17 requests per file.
+        self._noflush = 0 if getattr(ops, "flush_needed", True) else abi.FOPEN_NOFLUSH
+        #: READs and WRITEs up to this size run in the reader task (below THREAD_MIN our own
+        #: splices are synchronous too).
+        self._quick_io = min(getattr(ops, "quick_io_max", 0), THREAD_MIN - 1)
         self._reads_done: dict[int, trio.Event] = {}
         quick = set(getattr(ops, "quick_methods", ()))
         self._quick_forget = "forget" in quick
@@ -284,6 +294,9 @@ class Session:
         bufsize = self._bufsize
         fd = self.devfd
         batch = 0
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        stats = trio.lowlevel.current_statistics
         try:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -296,6 +309,18 @@ class Session:
                         else:
                             buf = os.read(fd, bufsize)
                     except BlockingIOError:
+                        st = stats()
+                        if (
+                            not self._tasks
+                            and not st.tasks_runnable
+                            and not st.run_sync_soon_queue_size
+                            and poller.poll(_IDLE_POLL_MS)
+                        ):
+                            # Nothing else to run: waiting in poll(2) directly skips a pass
+                            # of trio's scheduler per request (the storm case: a process
+                            # issuing one request after another).  Signals still land
+                            # within _IDLE_POLL_MS, when trio's own wait takes over.
+                            continue
                         await trio.lowlevel.wait_readable(fd)
                         continue
                     except OSError as e:
@@ -326,13 +351,16 @@ class Session:
                         log.debug("request %s", _describe(req))
                     if payload is not None:
                         self._inflight[req.unique] = None
-                        nursery.start_soon(self._handle, req, payload)
+                        if pre.size <= self._quick_io:
+                            await self._handle(req, payload)
+                        else:
+                            nursery.start_soon(self._task, self._handle, req, payload)
                         continue
                     if op == abi.Opcode.FORGET or op == abi.Opcode.BATCH_FORGET:
                         if self._quick_forget:
                             await self._forget(req)
                         else:
-                            nursery.start_soon(self._forget, req)
+                            nursery.start_soon(self._task, self._forget, req)
                     elif op == abi.Opcode.INTERRUPT:
                         self._interrupt(req)
                     elif op == abi.Opcode.INIT:
@@ -351,14 +379,17 @@ class Session:
                             and req.valid & _SETS_ATIME
                             and req.nodeid in self._reading
                         ):
-                            nursery.start_soon(self._setattr_after_reads, req)
-                        elif op in self._quick:
-                            # The filesystem promised this never suspends: no task needed.
-                            await self._handle(req)
+                            nursery.start_soon(self._task, self._setattr_after_reads, req)
                         else:
                             if op == abi.Opcode.READ:
                                 self._reading[req.nodeid] = self._reading.get(req.nodeid, 0) + 1
-                            nursery.start_soon(self._handle, req)
+                            if op in self._quick or (
+                                isinstance(req, rq.Read | rq.Write) and req.size <= self._quick_io
+                            ):
+                                # The filesystem promised this never suspends: no task needed.
+                                await self._handle(req)
+                            else:
+                                nursery.start_soon(self._task, self._handle, req)
                         # Tasks run when the device has nothing more for us (wait_readable
                         # yields), or after a batch: no scheduler pass per request.
                         if batch >= 64:
@@ -490,7 +521,7 @@ class Session:
         if init is not None:
             init()
         self._send(reply)
-        nursery.start_soon(self._after_init)
+        nursery.start_soon(self._task, self._after_init)
 
     def _choose_data_mode(self, neg: Negotiated) -> None:
         wanted = self.data_wanted
@@ -629,7 +660,7 @@ class Session:
         return entry_reply(req.unique, e)
 
     def _open_flags(self, fi: Any) -> int:
-        flags = 0
+        flags = self._noflush
         if fi.direct_io:
             flags |= abi.FOPEN_DIRECT_IO
         if fi.keep_cache:
@@ -682,6 +713,14 @@ class Session:
             flags,
             bid,
         )
+
+    async def _task(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """A task of ours, counted: while any lives, the loop waits through trio."""
+        self._tasks += 1
+        try:
+            await fn(*args)
+        finally:
+            self._tasks -= 1
 
     async def _counted_read(self, req: Any) -> Reply:
         """READ, uncounted from _reading when done (the reader loop counted it in)."""

@@ -435,6 +435,32 @@ def test_utime_right_after_reads(pair: Pair) -> None:
     assert pair.both(rounds) == []
 
 
+def test_close_sends_no_flush(pair: Pair) -> None:
+    """On a local backing filesystem close() needs no FLUSH round trip (FOPEN_NOFLUSH): the
+    kernel sends none for 20 open/write/close cycles, and the data is all there."""
+    before = pair.stats()["requests"]
+    for i in range(20):
+        with open(pair.mnt / f"c{i}", "wb") as f:
+            f.write(b"x" * i)
+    after = pair.stats()["requests"]
+    assert after.get("FLUSH", 0) == before.get("FLUSH", 0)
+    assert after.get("RELEASE", 0) >= before.get("RELEASE", 0) + 20
+    assert [len((pair.backing / f"c{i}").read_bytes()) for i in range(20)] == list(range(20))
+
+
+def test_flush_kept_where_close_matters(tmp_path: Path) -> None:
+    """A backing filesystem outside the known local ones (here procfs) keeps FLUSH."""
+    from fusefs.mirror.mirrorfs import MirrorFS
+
+    local = MirrorFS(tmp_path)
+    other = MirrorFS("/proc/self")
+    try:
+        assert (local.flush_needed, other.flush_needed) == (False, True)
+    finally:
+        local.close()
+        other.close()
+
+
 def test_counters_64mib_cp(pair: Pair, tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(pattern(64 * MiB, seed=8))

@@ -66,7 +66,12 @@ class Env:
         return s
 
     async def converged(self, sink: ReplicationSink, timeout: float = 15.0) -> None:
-        await wait_until(lambda: sink.caught_up, timeout, "the target to acknowledge everything")
+        try:
+            await wait_until(
+                lambda: sink.caught_up, timeout, "the target to acknowledge everything"
+            )
+        except AssertionError:
+            raise AssertionError(f"not caught up: {sink.status()}") from None
         a, b = snapshot(self.backing), snapshot(self.replica)
         assert a == b, diff_snapshots(a, b)
 
@@ -466,3 +471,100 @@ def test_socket_option_smoke() -> None:
     t.close()
     a.close()
     b.close()
+
+
+# -- bounded memory: merging and spilling to the log -------------------------------------------
+
+
+async def test_adjacent_writes_merge_into_one_range(env: Env) -> None:
+    """A dd-like stream of WRITEs queues as one range (one DATA frame), in order with the
+    changes around it; the log still holds every record."""
+    env.stop_server()
+    await trio.sleep(0.1)
+    sink = env.sink()
+    b = env.backing
+    data = os.urandom(100 * 65536)
+    (b / "f").write_bytes(data)
+    await do(sink, ch.Create(b"f", 0o644, 0, 0))
+    for i in range(100):
+        await do(sink, ch.Write(b"f", i * 65536, 65536))
+    os.rename(b / "f", b / "g")
+    await do(sink, ch.Rename(b"f", b"g"))
+    (b / "g").write_bytes(data[:1000])
+    await do(sink, ch.Truncate(b"g", 1000))
+    st = sink.status()
+    assert st["ops_pending"] == 103 and st["ops_in_memory"] == 4, st
+    assert st["bytes_pending"] == len(data)
+    await env.start_server()
+    await env.converged(sink, timeout=40)
+    assert sink.status()["bytes_pending"] == 0
+
+
+async def test_queue_is_bounded_and_spills_to_the_log(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the target down, at most MAX_QUEUED changes stay in memory; the rest are read
+    back from the durable log in order once it is up, and the replica converges."""
+    from fusefs.replica import client
+
+    monkeypatch.setattr(client, "MAX_QUEUED", 40)
+    monkeypatch.setattr(client, "REFILL_BATCH", 8)
+    env.stop_server()
+    await trio.sleep(0.1)
+    sink = env.sink()
+    b = env.backing
+    n = 0
+    for i in range(60):
+        name = f"f{i}".encode()
+        (b / f"f{i}").write_bytes(os.urandom(1000 + i))
+        await do(sink, ch.Create(name, 0o644, 0, 0))
+        await do(sink, ch.Write(name, 0, 1000 + i))
+        n += 2
+        if i % 3 == 0:
+            os.rename(b / f"f{i}", b / f"r{i}")
+            await do(sink, ch.Rename(name, f"r{i}".encode()))
+            n += 1
+        if i % 5 == 0 and i:
+            victim = f"r{i - 3}" if (i - 3) % 3 == 0 else f"f{i - 3}"
+            os.unlink(b / victim)
+            await do(sink, ch.Unlink(victim.encode()))
+            n += 1
+        st = sink.status()
+        assert st["ops_in_memory"] <= 40, st
+    assert st["spilled_to_log"] and st["ops_pending"] == n, st
+    await env.start_server()
+    await env.converged(sink, timeout=40)
+    # once caught up, new changes are kept in memory again
+    (b / "late").write_text("late")
+    await do(sink, ch.Create(b"late", 0o644, 0, 0))
+    await do(sink, ch.Write(b"late", 0, 4))
+    await env.converged(sink, timeout=40)
+    assert not sink.status()["spilled_to_log"]
+
+
+def test_log_reads_back_in_order_across_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fusefs.replica import log as logmod
+
+    monkeypatch.setattr(logmod, "SEGMENT_SIZE", 400)
+    log = ChangeLog(tmp_path / "log")
+    for i in range(50):
+        log.append(ch.Write(f"f{i % 7}".encode(), i, i + 1))
+    assert len(list((tmp_path / "log").glob("seg-*.log"))) > 3
+    got: list[int] = []
+    start = 3
+    while batch := log.read(start, 6):
+        assert len(batch) <= 6
+        got += [r.seq for r in batch]
+        start = batch[-1].seq + 1
+    assert got == list(range(3, 51))
+    assert log.read(20, 1)[0].change == ch.Write(b"f5", 19, 20)  # out of cursor order
+    log.trim(30)
+    assert [r.seq for r in log.read(31, 100)] == list(range(31, 51))
+    log.close()
+    reopened = ChangeLog(tmp_path / "log", max_pending=5)
+    assert [r.seq for r in reopened.pending] == list(range(31, 36))
+    assert reopened.more_from == 36 and reopened.pending_count == 20
+    assert reopened.pending_bytes == sum(range(31, 51))
+    reopened.close()

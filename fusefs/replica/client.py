@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -52,7 +53,7 @@ from fusefs.mirror.changes import (
 from fusefs.replica import wire as w
 from fusefs.replica.log import ChangeLog
 from fusefs.replica.target import Target, TargetError, TargetFactory
-from fusefs.replica.transport import FdTransport, TransportClosed
+from fusefs.replica.transport import FdTransport, TransportClosed, tune_socket
 from fusefs.replica.tree import Difference, block_size_for, checksum_fd, differences, walk
 
 __all__ = ["ReplicationSink", "WireTarget", "describe_error", "open_wire_target"]
@@ -74,6 +75,17 @@ STATUS_INTERVAL = 1.0
 #: Read-only fds of backing files kept for changes in flight (beyond: re-open by path).
 MAX_SOURCES = 4096
 _CACHED_SOURCES = 256
+#: Pending changes kept in memory (a few hundred bytes each); beyond, they stay only in the
+#: durable log and are read back from it in batches of REFILL_BATCH (see docs/replication.md).
+MAX_QUEUED = 16384
+REFILL_BATCH = 4096
+#: Adjacent or overlapping Write ranges of one file queued back to back are merged into one
+#: range of at most this size (a 1 GiB dd arrives as ~1 MiB WRITEs).
+MAX_MERGE = w.MAX_DATA
+#: When the sender wakes up for a lone Write, it lets this long pass (or BATCH_BYTES queue)
+#: first, so that the WRITEs which follow merge: fewer, larger sendfiles and wake-ups.
+BATCH_DELAY = 0.02
+BATCH_BYTES = 8 << 20
 #: Do not repeat a repair triggered by failed changes more often than this.
 REPAIR_INTERVAL = 30.0
 _DATA_CHANGES = (Write, Create, Truncate, Fallocate)
@@ -279,7 +291,7 @@ def open_wire_target(
         except OSError as e:
             raise TargetError(f"cannot connect to {name}: {e.strerror or e}") from None
         with sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_socket(sock)
             transport = FdTransport(sock.fileno())
             conn = w.Connection(w.Role.CLIENT, key, source)
             target = WireTarget(transport, conn, name)
@@ -365,10 +377,14 @@ class _Source:
 
 @dataclass(slots=True)
 class _Entry:
+    """A change not yet durable on the target (merged Writes carry the last merged seq)."""
+
     seq: int
     change: Change
     at: float
     src: _Source | None
+    #: Write bytes this entry stands for (sum over merged records), for ``bytes_pending``
+    nbytes: int = 0
 
 
 class ReplicationSink:
@@ -395,15 +411,24 @@ class ReplicationSink:
         self.name = name
         self.mode = mode
         self.factory = target
-        self.log = ChangeLog(log_dir)
+        self.log = ChangeLog(log_dir, max_pending=MAX_QUEUED)
         self.status_path = os.path.join(self.log.dir, "status.json")
         self._backing_fd = os.open(self.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._is_root = os.geteuid() == 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._unsent: collections.deque[_Entry] = collections.deque(
-            _Entry(r.seq, r.change, time.time(), None) for r in self.log.pending
-        )
+        self._unsent: collections.deque[_Entry] = collections.deque()
+        #: Write bytes recorded and not yet durable on the target (in memory or only logged)
+        self._bytes_pending = self.log.pending_bytes
+        #: Write bytes in ``_unsent`` (to decide when to wake the sender)
+        self._unsent_bytes = 0
+        #: the seq of the first change kept only in the log (None: all pending are in memory)
+        self._spill_from: int | None = self.log.more_from
+        #: data was sent re-read by path (no fd held): compare the trees once caught up
+        self._imprecise = False
+        now = time.time()
+        for r in self.log.pending:
+            self._queue(r.seq, r.change, now, None)
         self.log.pending = []
         self._inflight: collections.deque[_Entry] = collections.deque()
         self._sources: dict[bytes, _Source] = {}
@@ -428,6 +453,8 @@ class ReplicationSink:
         self.failed_changes = 0
         self.bytes_sent = 0
         self.log_errors = 0
+        #: the in-memory queue overflowed at least once (logged once)
+        self.spilled = False
         self._closed = False
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -488,10 +515,72 @@ class ReplicationSink:
             self._note_error(f"cannot log a change: {describe_error(e)}")
             return
         with self._lock:
-            src = self._source_for(change)
-            self._unsent.append(_Entry(seq, change, time.time(), src))
-        if self._idle:
+            if isinstance(change, Write):
+                self._bytes_pending += change.size
+            if self._spill_from is not None:
+                # catching up from the log: this change is read back from there unless the
+                # sender has read everything before it and the queue has room again
+                if seq != self._spill_from or self._queued() >= MAX_QUEUED - REFILL_BATCH:
+                    self._track_names(change)
+                    if self._idle:
+                        self._wake()
+                    return
+                self._spill_from = None
+            elif self._queued() >= MAX_QUEUED:
+                self._spill_from = seq
+                self._track_names(change)
+                if not self.spilled:
+                    self.spilled = True
+                    log.warning(
+                        "replication to %s: %d changes pending; keeping further ones only "
+                        "in the log until it catches up",
+                        self.name,
+                        MAX_QUEUED,
+                    )
+                return
+            was_empty = not self._unsent
+            self._queue(seq, change, time.time(), self._source_for(change))
+            wake = self._idle and (
+                was_empty
+                or not isinstance(change, Write)
+                or self._unsent_bytes - change.size < BATCH_BYTES <= self._unsent_bytes
+            )
+        if wake:
             self._wake()
+
+    def _queued(self) -> int:
+        return len(self._unsent) + len(self._inflight)
+
+    def _queue(self, seq: int, change: Change, at: float, src: _Source | None) -> None:
+        """(With the lock held.)  Append to the unsent queue, merging a Write with the Write
+        of the same file queued just before it when their ranges touch."""
+        if isinstance(change, Write):
+            self._unsent_bytes += change.size
+            tail = self._unsent[-1] if self._unsent else None
+            if tail is not None and isinstance(tail.change, Write):
+                t = tail.change
+                start = min(t.offset, change.offset)
+                end = max(t.offset + t.size, change.offset + change.size)
+                if (
+                    t.path == change.path
+                    and change.offset <= t.offset + t.size
+                    and t.offset <= change.offset + change.size
+                    and end - start <= MAX_MERGE
+                ):
+                    # nothing came in between, so the tail's fd is this path's file
+                    tail.change = Write(t.path, start, end - start)
+                    tail.seq = seq
+                    tail.nbytes += change.size
+                    if tail.src is None:
+                        tail.src = src
+                    elif src is not None and src is not tail.src:
+                        self._release(src)
+                    elif src is not None:
+                        src.refs -= 1  # the tail already holds a reference
+                    return
+            self._unsent.append(_Entry(seq, change, at, src, change.size))
+            return
+        self._unsent.append(_Entry(seq, change, at, src))
 
     async def barrier(self) -> None:
         """In sync mode: wait until everything recorded so far is durable on the target."""
@@ -518,15 +607,17 @@ class ReplicationSink:
         with contextlib.suppress(OSError):
             os.eventfd_write(self._wake_fd, 1)
 
-    def _source_for(self, change: Change) -> _Source | None:
-        """(With the lock held.)  Track names; an fd of the file for data changes."""
+    def _track_names(self, change: Change) -> None:
+        """(With the lock held.)  Drop cached fds of names a change removes or replaces."""
         if isinstance(change, Rename):
             self._forget_sources(change.old)
             self._forget_sources(change.new)
-            return None
-        if isinstance(change, Unlink | Rmdir):
+        elif isinstance(change, Unlink | Rmdir):
             self._forget_sources(change.path)
-            return None
+
+    def _source_for(self, change: Change) -> _Source | None:
+        """(With the lock held.)  Track names; an fd of the file for data changes."""
+        self._track_names(change)
         if not isinstance(change, _DATA_CHANGES):
             return None
         src = self._sources.get(change.path)
@@ -600,7 +691,8 @@ class ReplicationSink:
         while True:
             await trio.sleep(LOG_FSYNC_INTERVAL)
             try:
-                await trio.to_thread.run_sync(self.log.sync)
+                if self.log.dirty:
+                    await trio.to_thread.run_sync(self.log.sync)
             except OSError as e:
                 self._note_error(f"cannot fsync the log: {e.strerror}")
             now = time.monotonic()
@@ -641,6 +733,7 @@ class ReplicationSink:
     async def _session(self, target: Target) -> None:
         with self._lock:
             # everything the target has not made durable is sent again, in order
+            self._unsent_bytes += sum(e.nbytes for e in self._inflight)
             self._unsent.extendleft(reversed(self._inflight))
             self._inflight.clear()
         self.sent_seq = self._sync_requested = self.durable_seq
@@ -671,11 +764,14 @@ class ReplicationSink:
         with self._cond:
             while self._inflight and self._inflight[0].seq <= seq:
                 done = self._inflight.popleft()
+                self._bytes_pending -= done.nbytes
                 if done.src is not None:
                     self._release(done.src)
                     done.src = None
             self.durable_seq = seq
             self._cond.notify_all()
+        if seq >= self.log.last_seq:
+            self._write_status()  # caught up: say so at once, not at the next tick
 
     async def _sender(self, target: Target) -> None:
         ops = nbytes = 0
@@ -684,7 +780,18 @@ class ReplicationSink:
                 entry = self._unsent.popleft() if self._unsent else None
                 if entry is not None:
                     self._inflight.append(entry)
+                    self._unsent_bytes -= entry.nbytes
+                spilled = self._spill_from
             if entry is None:
+                if spilled is not None:
+                    if self._queued() > MAX_QUEUED - REFILL_BATCH:
+                        # memory is full of changes in flight: wait for durable acks
+                        if self.sent_seq > self._sync_requested:
+                            await self._request_sync(target)
+                        await trio.sleep(0.05)
+                    else:
+                        await self._refill(spilled)
+                    continue
                 await self._idle_step(target)
                 ops = nbytes = 0
                 continue
@@ -700,8 +807,30 @@ class ReplicationSink:
         self._last_sync = time.monotonic()
         await target.sync(self.sent_seq)
 
+    async def _refill(self, start: int) -> None:
+        """Read the next batch of changes kept only in the log back into the queue."""
+        records = await trio.to_thread.run_sync(self.log.read, start, REFILL_BATCH)
+        with self._lock:
+            if self._spill_from != start:
+                return  # record() found the queue complete again meanwhile
+            now = time.time()
+            for r in records:
+                self._queue(r.seq, r.change, now, None)
+            if records:
+                self._spill_from = records[-1].seq + 1
+            elif self.log.next_seq == start:
+                # read everything: the next record() (seq >= start) queues in memory again
+                self._spill_from = None
+                return
+        if not records:
+            await trio.sleep(0.01)  # the next record is being appended right now
+
     async def _idle_step(self, target: Target) -> None:
         """Nothing queued: repair if needed, ask for durability, or sleep until woken."""
+        if self._imprecise and self.durable_seq >= self.sent_seq:
+            # some data was re-read by path (its file may have been renamed since): compare
+            self._imprecise = False
+            self.needs_repair = True
         now = time.monotonic()
         if self.needs_repair and (self.repairs == 0 or now - self._last_repair >= REPAIR_INTERVAL):
             await self._repair(target)
@@ -716,16 +845,32 @@ class ReplicationSink:
         await self._sleep(1.0)
 
     async def _sleep(self, timeout: float) -> None:
+        """Wait for ``record()`` (or a barrier) to wake us, at most ``timeout`` s.
+
+        Woken for a Write, wait up to BATCH_DELAY more (``record()`` wakes us again once
+        BATCH_BYTES are queued), so the WRITEs that follow merge into one large range: one
+        wake-up and one sendfile per several MiB instead of per WRITE.
+        """
         self._idle = True
         try:
             if self._unsent or self._barrier_seq > self._sync_requested:
                 return
-            with trio.move_on_after(timeout):
-                await trio.lowlevel.wait_readable(self._wake_fd)
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self._wake_fd)
+            await self._wait_wake(timeout)
+            if (
+                self._unsent
+                and self._unsent_bytes < BATCH_BYTES
+                and isinstance(self._unsent[-1].change, Write)
+                and self._barrier_seq <= self._sync_requested
+            ):
+                await self._wait_wake(BATCH_DELAY)
         finally:
             self._idle = False
+
+    async def _wait_wake(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(self._wake_fd)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
 
     def _open_backing(self, path: bytes) -> int | None:
         try:
@@ -743,6 +888,8 @@ class ReplicationSink:
         if not isinstance(c, _DATA_CHANGES):
             await target.apply(e.seq, c)
             return 0
+        if e.src is None:
+            self._imprecise = True
         fd = e.src.fd if e.src is not None else self._open_backing(c.path)
         try:
             sent = 0
@@ -782,6 +929,7 @@ class ReplicationSink:
     async def _repair(self, target: Target) -> None:
         """Compare the trees and send what differs (the initial sync, and divergence repair)."""
         self.needs_repair = False
+        self._imprecise = False  # the comparison covers whatever was re-read by path
         self.repairing = True
         self.repairs += 1
         self._last_repair = time.monotonic()
@@ -913,16 +1061,22 @@ class ReplicationSink:
 
     def status(self) -> dict[str, Any]:
         """The sink's state (what ``fusefs status`` shows)."""
+        oldest = None
         with self._lock:
-            pending = list(self._inflight) + list(self._unsent)
-        bytes_pending = sum(e.change.size for e in pending if isinstance(e.change, Write))
-        oldest = min((e.at for e in pending if e.seq > self.applied_seq), default=None)
+            for e in itertools.chain(self._inflight, self._unsent):
+                if e.seq > self.applied_seq:
+                    oldest = e.at
+                    break
+            bytes_pending = self._bytes_pending
+            queued = self._queued()
         return {
             "target": self.name,
             "mode": self.mode,
             "connected": self.connected,
-            "ops_pending": len(pending),
+            "ops_pending": max(0, self.log.last_seq - self.durable_seq),
             "bytes_pending": bytes_pending,
+            "ops_in_memory": queued,
+            "spilled_to_log": self._spill_from is not None,
             "lag_seconds": 0.0 if oldest is None else round(max(0.0, time.time() - oldest), 3),
             "last_seq": self.log.last_seq,
             "durable_seq": self.durable_seq,

@@ -14,6 +14,10 @@ A log directory holds:
 Appending is one ``write(2)`` (the record is then safe from a crash of the process); the client
 fsyncs the log in batches and before any barrier (see docs/replication.md).  At open, a torn or
 corrupt tail of the last segment (a crash in the middle of an append) is cut off.
+
+The client keeps at most a bounded number of pending changes in memory; the rest stay only
+here and are read back in order with :meth:`ChangeLog.read` (so a dead target never makes the
+mount daemon grow: the log on disk holds the backlog).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import zlib
 from dataclasses import dataclass
 
 from fusefs.errors import FusefsError
-from fusefs.mirror.changes import Change
+from fusefs.mirror.changes import Change, Write
 from fusefs.replica.wire import WireError, decode_change, encode_change
 
 __all__ = ["ChangeLog", "LogError", "LogRecord"]
@@ -58,7 +62,13 @@ def _seg_name(first: int) -> str:
 class ChangeLog:
     """An on-disk log of changes with consecutive sequence numbers (from 1)."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, max_pending: int | None = None
+    ) -> None:
+        """Open (or create) the log; :attr:`pending` gets the first ``max_pending``
+        unacknowledged records (all if None), :attr:`more_from` the seq of the first one left
+        out (None if none), :attr:`pending_count` and :attr:`pending_bytes` (Write sizes) the
+        totals."""
         self.dir = os.fspath(directory)
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
@@ -81,8 +91,15 @@ class ChangeLog:
         #: first seq of each segment, in order (the last one is being appended to)
         self._segments: list[int] = []
         self.pending: list[LogRecord] = []
+        self.more_from: int | None = None
+        self.pending_count = 0
+        self.pending_bytes = 0
+        self._max_pending = max_pending
+        #: where the last :meth:`read` stopped: (next seq, segment first seq, file offset)
+        self._cursor: tuple[int, int, int] | None = None
+        self._dir_dirty = False
         self._recover()
-        last = self.pending[-1].seq if self.pending else self.acked
+        last = self._last_pending
         self.next_seq = max(last, self.acked, self._max_seq) + 1
         self._fd = -1
         self._size = 0
@@ -103,6 +120,7 @@ class ChangeLog:
 
     def _recover(self) -> None:
         self._max_seq = 0
+        self._last_pending = self.acked
         names = sorted(
             n for n in os.listdir(self.dir) if n.startswith("seg-") and n.endswith(".log")
         )
@@ -129,7 +147,14 @@ class ChangeLog:
                     break
                 self._max_seq = max(self._max_seq, seq)
                 if seq > self.acked:
-                    self.pending.append(LogRecord(seq, change))
+                    self._last_pending = seq
+                    self.pending_count += 1
+                    if isinstance(change, Write):
+                        self.pending_bytes += change.size
+                    if self._max_pending is None or len(self.pending) < self._max_pending:
+                        self.pending.append(LogRecord(seq, change))
+                    elif self.more_from is None:
+                        self.more_from = seq
                 pos = end
             if pos != len(data):
                 log.warning("%s: cutting a torn tail of %d bytes", path, len(data) - pos)
@@ -137,7 +162,7 @@ class ChangeLog:
                     os.truncate(path, pos)
             self._segments.append(first)
 
-    def _open_segment(self, first: int) -> None:
+    def _open_segment(self, first: int, *, sync_dir: bool = True) -> None:
         if self._fd >= 0:
             os.fsync(self._fd)
             os.close(self._fd)
@@ -149,7 +174,10 @@ class ChangeLog:
         self._size = os.fstat(self._fd).st_size
         if not self._segments or self._segments[-1] != first:
             self._segments.append(first)
-        _fsync_dir(self.dir)
+        if sync_dir:
+            _fsync_dir(self.dir)
+        else:
+            self._dir_dirty = True  # the next sync() makes the new name durable
 
     # -- appending -------------------------------------------------------------------------
 
@@ -175,14 +203,76 @@ class ChangeLog:
     def last_seq(self) -> int:
         return self.next_seq - 1
 
+    @property
+    def dirty(self) -> bool:
+        """Records were appended since the last :meth:`sync`."""
+        return self._dirty or self._dir_dirty
+
     def sync(self) -> None:
         """fsync what was appended so far."""
         with self._mutex:
-            if not self._dirty:
+            if not self._dirty and not self._dir_dirty:
                 return
             fd = self._fd
+            sync_dir, self._dir_dirty = self._dir_dirty, False
             self._dirty = False
-        os.fdatasync(fd)
+            if fd >= 0:
+                fd = os.dup(fd)  # trim() may close the segment meanwhile
+        if sync_dir:
+            _fsync_dir(self.dir)
+        if fd >= 0:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    # -- reading back ----------------------------------------------------------------------
+
+    def read(self, start: int, limit: int) -> list[LogRecord]:
+        """Up to ``limit`` records from seq ``start`` on, in order, as far as they are complete
+        on disk (for changes the client did not keep in memory)."""
+        with self._mutex:
+            segments = list(self._segments)
+            end = self.next_seq
+        out: list[LogRecord] = []
+        cur = self._cursor
+        if cur is not None and cur[0] == start and cur[1] in segments:
+            i, pos = segments.index(cur[1]), cur[2]
+        else:
+            i = max((k for k, first in enumerate(segments) if first <= start), default=0)
+            pos = 0
+        seq = start
+        while i < len(segments) and len(out) < limit and seq < end:
+            path = os.path.join(self.dir, _seg_name(segments[i]))
+            try:
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    data = f.read()
+            except FileNotFoundError:
+                data = b""
+            p = 0
+            while p + _REC.size <= len(data) and len(out) < limit:
+                length, crc, rseq = _REC.unpack_from(data, p)
+                stop = p + _REC.size + length
+                if length > _MAX_RECORD or stop > len(data):
+                    break  # being appended right now
+                if rseq >= start:
+                    body = data[p + _REC.size : stop]
+                    if zlib.crc32(struct.pack(">Q", rseq) + body) != crc:
+                        break
+                    try:
+                        out.append(LogRecord(rseq, decode_change(body)))
+                    except WireError:
+                        break
+                    seq = rseq + 1
+                p = stop
+            pos += p
+            if len(out) >= limit or p < len(data) or i == len(segments) - 1:
+                break
+            i, pos = i + 1, 0
+        if i < len(segments):
+            self._cursor = (seq, segments[i], pos)
+        return out
 
     # -- trimming --------------------------------------------------------------------------
 
@@ -202,12 +292,15 @@ class ChangeLog:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.dir, _seg_name(first)))
             if len(self._segments) == 1 and upto >= self.next_seq - 1 and self._size:
-                # everything is acknowledged: start afresh (keeps the log small when idle)
+                # everything is acknowledged: start afresh (keeps the log small when idle);
+                # nothing in the old segment matters any more, so no fsync here
                 os.close(self._fd)
                 old = self._segments.pop()
                 self._fd = -1
+                self._dirty = False
                 os.unlink(os.path.join(self.dir, _seg_name(old)))
-                self._open_segment(self.next_seq)
+                self._open_segment(self.next_seq, sync_dir=False)
+                self._cursor = None
 
     def close(self) -> None:
         with self._mutex:

@@ -2,17 +2,18 @@
 
 Each connection is one task: handshake (HMAC challenge-response, see docs/protocol.md), then
 OP frames applied in order with :class:`~fusefs.replica.apply.ReplicaDir`, DATA payloads moved
-from the socket into the file with ``splice``, acknowledgements batched whenever the input is
-drained, and ``fsync`` (syncfs) before any durable acknowledgement.  A connection that sends
-anything malformed, oversized or unsafe is answered with an ERROR frame and dropped; the server
-and its other connections carry on.
+from the socket into the file with ``splice``, acknowledgements batched when the input is
+drained (at most every ACK_INTERVAL), and ``syncfs`` before any durable acknowledgement.  The
+syncfs runs in a task of its own, so the stream keeps flowing into the page cache meanwhile:
+a SYNC only asks for one, and requests that arrive during a syncfs share the next one.  A
+connection that sends anything malformed, oversized or unsafe is answered with an ERROR frame and
+dropped; the server and its other connections carry on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -20,7 +21,7 @@ import trio
 
 from fusefs.replica import wire as w
 from fusefs.replica.apply import ReplicaDir, UnsafePathError, split_path
-from fusefs.replica.transport import FdTransport, TransportClosed
+from fusefs.replica.transport import FdTransport, TransportClosed, tune_socket
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "Server", "serve"]
 
@@ -30,6 +31,8 @@ DEFAULT_MAX_CONNECTIONS = 16
 #: Entries are packed into LIST_REPLY frames up to about this many bytes.
 _LIST_FRAME = w.MAX_FRAME // 2
 _HANDSHAKE_TIMEOUT = 10.0
+#: Plain (not durable) acknowledgements only report progress (lag): at most this often.
+ACK_INTERVAL = 0.1
 
 
 class _Refused(Exception):
@@ -94,13 +97,23 @@ class _Handler:
         self.data_pos = 0
         self.data_discard = False
         self.devnull = -1
+        self._last_ack = 0.0
+        #: the highest seq a SYNC asked to make durable
+        self._sync_wanted = 0
+        self._sync_wake = trio.Event()
 
     async def run(self) -> None:
         try:
             with trio.CancelScope() as scope:
                 await self._handshake()
                 await self._claim_source(scope)
-                await self._loop()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._syncer)
+                        await self._loop()
+                        nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    raise _only(group) from None
         except w.WireError as e:
             self.server.refused += 1
             log.warning("%s: dropped: %s", self.peer, e)
@@ -181,7 +194,10 @@ class _Handler:
                     self.data_pos += n
                     self.conn.payload_received(n)
                     continue
-                if self.applied > self.acked:
+                if (
+                    self.applied > self.acked
+                    and trio.current_time() - self._last_ack >= ACK_INTERVAL
+                ):
                     await self._ack(self.applied)
                 data = await self.t.recv()
                 if not data:
@@ -198,10 +214,25 @@ class _Handler:
                 return
             await self._dispatch(ev)
 
+    async def _send(self, ev: w.Event) -> None:
+        async with self.t.send_lock:  # the syncer task sends too
+            await self.t.send_all(self.conn.send(ev))
+
     async def _ack(self, seq: int, durable: bool = False, failed: bool = False) -> None:
-        await self.t.send_all(self.conn.send(w.Ack(seq, durable, failed)))
+        await self._send(w.Ack(seq, durable, failed))
         if not failed:
             self.acked = max(self.acked, seq)
+            self._last_ack = trio.current_time()
+
+    async def _syncer(self) -> None:
+        """syncfs whenever a SYNC asked for it, then acknowledge durably (see module doc)."""
+        assert self.replica is not None
+        while True:
+            await self._sync_wake.wait()
+            self._sync_wake = trio.Event()
+            seq = self._sync_wanted  # every SYNC gets an answer, even one that repeats a seq
+            await trio.to_thread.run_sync(self.replica.sync)
+            await self._ack(seq, durable=True)
 
     def _refuse_path(self, path: bytes) -> NoReturn:
         log.warning("%s: refused unsafe path %r", self.peer, path)
@@ -252,9 +283,10 @@ class _Handler:
             self.data_fd = None
             self.applied = max(self.applied, ev.seq)
         elif isinstance(ev, w.Sync):
-            await trio.to_thread.run_sync(replica.sync)
+            # everything before this frame is applied; the next syncfs makes it durable
             self.applied = max(self.applied, ev.seq)
-            await self._ack(max(self.applied, ev.seq), durable=True)
+            self._sync_wanted = max(self._sync_wanted, self.applied)
+            self._sync_wake.set()
         elif isinstance(ev, w.List):
             await self._list(ev.req)
         elif isinstance(ev, w.Checksum):
@@ -266,7 +298,7 @@ class _Handler:
                 self._refuse_path(ev.path)
             if len(digests) * 32 > w.MAX_FRAME - 64:
                 found, size, digests = False, 0, ()
-            await self.t.send_all(self.conn.send(w.ChecksumReply(ev.req, found, size, digests)))
+            await self._send(w.ChecksumReply(ev.req, found, size, digests))
         elif isinstance(ev, w.Read):
             await self._read(ev)
         else:
@@ -280,12 +312,12 @@ class _Handler:
         for e in entries:
             n = w.entry_size(e)
             if batch and size + n > _LIST_FRAME:
-                await self.t.send_all(self.conn.send(w.ListReply(req, tuple(batch), False)))
+                await self._send(w.ListReply(req, tuple(batch), False))
                 batch, size = [], 0
             if n <= _LIST_FRAME:
                 batch.append(e)
                 size += n
-        await self.t.send_all(self.conn.send(w.ListReply(req, tuple(batch), True)))
+        await self._send(w.ListReply(req, tuple(batch), True))
 
     async def _read(self, ev: w.Read) -> None:
         assert self.replica is not None
@@ -294,18 +326,32 @@ class _Handler:
         except UnsafePathError:
             self._refuse_path(ev.path)
         if fd is None:
-            await self.t.send_all(self.conn.send(w.Data(ev.req, ev.path, ev.offset, 0)))
+            await self._send(w.Data(ev.req, ev.path, ev.offset, 0))
             return
         try:
             size = os.fstat(fd).st_size
             length = max(0, min(ev.length, size - ev.offset))
-            await self.t.send_all(self.conn.send(w.Data(ev.req, ev.path, ev.offset, length)))
-            sent = await self.t.send_file(fd, ev.offset, length)
-            if sent < length:  # the file shrank: pad, as announced
-                await self.t.send_all(bytes(length - sent))
-            self.conn.payload_sent(length)
+            async with self.t.send_lock:
+                await self.t.send_all(self.conn.send(w.Data(ev.req, ev.path, ev.offset, length)))
+                sent = await self.t.send_file(fd, ev.offset, length)
+                if sent < length:  # the file shrank: pad, as announced
+                    await self.t.send_all(bytes(length - sent))
+                self.conn.payload_sent(length)
         finally:
             os.close(fd)
+
+
+def _only(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a task group ended with (a group of several stays a group)."""
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [group]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        else:
+            leaves.append(e)
+    return leaves[0] if len(leaves) == 1 else group
 
 
 def _first_path(change: Any) -> bytes:
@@ -357,7 +403,7 @@ async def serve(
         except OSError:
             peer = "?"
         async with stream:
-            stream.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_socket(stream.socket)
             transport = FdTransport(stream.socket.fileno())
             try:
                 await srv.handle(transport, peer)

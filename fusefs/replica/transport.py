@@ -9,14 +9,46 @@ import contextlib
 import errno
 import fcntl
 import os
+import socket
+from typing import Protocol
 
 import trio
 
-__all__ = ["FdTransport", "TransportClosed"]
+__all__ = ["FdTransport", "TransportClosed", "tune_socket"]
 
 _SPLICE_F_MOVE = 1
 _SPLICE_F_NONBLOCK = 2
+_F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
 _CHUNK = 1 << 16
+#: Socket buffers asked for (the kernel caps them at net.core.[rw]mem_max and doubles them):
+#: a sendfile or splice then moves MiBs per call instead of the default tens of KiB.
+SOCKET_BUFFER = 4 << 20
+#: The splice pipe is grown to this (capped by /proc/sys/fs/pipe-max-size, 1 MiB by default).
+PIPE_SIZE = 1 << 20
+
+
+class _Sock(Protocol):
+    def getsockopt(self, level: int, option: int, /) -> int: ...
+    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
+
+
+def tune_socket(sock: _Sock) -> None:
+    """Large send and receive buffers (best effort), no Nagle delay for small frames."""
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            if sock.getsockopt(socket.SOL_SOCKET, opt) < SOCKET_BUFFER:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _pipe_max() -> int:
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return PIPE_SIZE
 
 
 class TransportClosed(Exception):
@@ -42,6 +74,7 @@ class FdTransport:
         _set_nonblocking(self.wfd)
         self.send_lock = trio.Lock()
         self._pipe: tuple[int, int] | None = None
+        self._pipe_size = 1 << 16
         self._splice_ok = True
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -88,30 +121,43 @@ class FdTransport:
         return len(data)
 
     async def _splice_in(self, fd: int, offset: int, count: int) -> int:
+        """socket -> pipe -> file, a pipeful per round, until ``count`` bytes moved or the
+        socket has nothing more right now (then return what moved; wait only if nothing)."""
         if self._pipe is None:
             r, w = os.pipe2(os.O_CLOEXEC)
             with contextlib.suppress(OSError):
-                fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+                fcntl.fcntl(w, _F_SETPIPE_SZ, min(PIPE_SIZE, _pipe_max()))
+            with contextlib.suppress(OSError):
+                self._pipe_size = fcntl.fcntl(w, _F_GETPIPE_SZ)
             self._pipe = (r, w)
         r, w = self._pipe
-        while True:
+        moved = 0
+        while moved < count:
             try:
                 n = os.splice(
-                    self.rfd, w, min(count, 1 << 20), flags=_SPLICE_F_MOVE | _SPLICE_F_NONBLOCK
+                    self.rfd,
+                    w,
+                    min(count - moved, self._pipe_size),
+                    flags=_SPLICE_F_MOVE | _SPLICE_F_NONBLOCK,
                 )
-                break
             except BlockingIOError:
+                if moved:
+                    break
                 await trio.lowlevel.wait_readable(self.rfd)
-        if n == 0:
-            raise TransportClosed("connection closed in the middle of a DATA payload")
-        self.bytes_received += n
-        left = n
-        pos = offset
-        while left:
-            m = os.splice(r, fd, left, offset_dst=None if offset < 0 else pos)
-            left -= m
-            pos += m
-        return n
+                continue
+            if n == 0:
+                if moved:
+                    break
+                raise TransportClosed("connection closed in the middle of a DATA payload")
+            self.bytes_received += n
+            pos = offset + moved
+            left = n
+            while left:
+                m = os.splice(r, fd, left, offset_dst=None if offset < 0 else pos)
+                left -= m
+                pos += m
+            moved += n
+        return moved
 
     # -- sending ---------------------------------------------------------------------------
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 from pathlib import Path
 
 import pytest
+import trio
 
-from fusefs.session.datapath import PipePool, splice_read_reply
+from fusefs.session.datapath import PipePool, splice_read_reply, splice_request
 
 
 def _reply(dev_r: int) -> tuple[int, int, int, bytes]:
@@ -62,4 +64,40 @@ def test_a_reply_too_big_for_the_pipe_sends_nothing(tmp_path: Path) -> None:
         os.close(fd)
         for x in (dev_r, dev_w):
             os.close(x)
+        pool.close()
+
+
+def _request(opcode: int, unique: int, body: bytes) -> bytes:
+    return struct.pack("<IIQQIIIHH", 40 + len(body), opcode, unique, 1, 0, 0, 0, 0, 0) + body
+
+
+@pytest.mark.parametrize("payload_size", [0, 100, 4095, 4096, 300_000])
+def test_splice_request_small_and_write(tmp_path: Path, payload_size: int) -> None:
+    """Requests come off the device whole; a WRITE with at least min_spliced_write bytes
+    comes as its 80-byte prefix plus a payload still in the pipe, which lands in a file."""
+    dev_r, dev_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    pool = PipePool(1 << 20)
+    target = os.open(tmp_path / "t", os.O_RDWR | os.O_CREAT, 0o600)
+    data = os.urandom(payload_size)
+    try:
+        fcntl.fcntl(dev_w, 1031, 1 << 20)  # F_SETPIPE_SZ: room for the biggest request
+        lookup = _request(1, 5, b"name\0")
+        os.write(dev_w, lookup)
+        assert splice_request(pool, dev_r, 1 << 20, 4096) == (lookup, None)
+        write_in = struct.pack("<QQIIQII", 3, 10, payload_size, 0, 0, 0, 0)
+        write = _request(16, 6, write_in + data)
+        os.write(dev_w, write)
+        buf, payload = splice_request(pool, dev_r, len(write), 4096)
+        if payload_size < 4096:
+            assert (buf, payload) == (write, None)
+        else:
+            assert buf == write[:80] and payload is not None and payload.size == payload_size
+            assert trio.run(payload.to_fd, target, 10) == payload_size
+            assert os.pread(target, payload_size + 10, 0) == b"\0" * 10 + data
+        with pytest.raises(BlockingIOError):
+            splice_request(pool, dev_r, 1 << 20, 4096)
+    finally:
+        os.close(target)
+        os.close(dev_r)
+        os.close(dev_w)
         pool.close()

@@ -279,6 +279,12 @@ def splice_request(
         pool.put(pair)
         raise
     try:
+        if n < 80 + min_spliced_write:  # too short to be a spliced WRITE: one read takes it
+            buf = os.read(r, n)
+            if len(buf) < n:
+                buf += _drain(r, n - len(buf))
+            pool.put(pair)
+            return buf, None
         head = os.read(r, 40)
         length, opcode = _IN_PREFIX.unpack_from(head)
         if opcode == 16 and length - 80 >= min_spliced_write and n == length:  # WRITE

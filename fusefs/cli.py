@@ -259,8 +259,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     for name in ("key_file", "replica_log_dir"):
         if getattr(args, name, None):
             setattr(args, name, os.path.abspath(getattr(args, name)))
-    if args.target and args.key_file:
-        replica_cli.read_key(args.key_file)
+    replica_cli.check_mount_arguments(args)
     if args.foreground:
         _setup_logging(args.log_file, debug=args.debug, verbose=args.verbose, foreground=True)
         serve(

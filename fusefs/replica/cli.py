@@ -36,7 +36,14 @@ from fusefs.replica.client import (
     parse_hostport,
 )
 from fusefs.replica.server import DEFAULT_MAX_CONNECTIONS, serve
-from fusefs.replica.target import Target, TargetError
+from fusefs.replica.ssh import (
+    STDIO_KEY,
+    SshSpec,
+    is_ssh_target,
+    open_ssh_target,
+    parse_ssh_target,
+)
+from fusefs.replica.target import Target, TargetError, TargetFactory
 from fusefs.replica.tree import checksum_fd, differences, walk
 
 __all__ = [
@@ -45,6 +52,7 @@ __all__ = [
     "ReplicaUsageError",
     "add_mount_arguments",
     "add_subcommands",
+    "check_mount_arguments",
     "close_sink",
     "main",
     "make_sink",
@@ -137,12 +145,14 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("replication (see docs/replication.md)")
     g.add_argument(
         "--target",
-        metavar="HOST:PORT",
+        metavar="HOST:PORT|ssh://[USER@]HOST/PATH",
         action="append",
         default=[],
-        help="replicate every change to 'fusefs serve' at HOST:PORT (repeatable)",
+        help="replicate every change to 'fusefs serve' at HOST:PORT, or over ssh into PATH "
+        "on HOST ('fusefs serve --stdio PATH' through ssh; $FUSEFS_SSH overrides the ssh "
+        "command, $FUSEFS_SSH_REMOTE the remote fusefs command) (repeatable)",
     )
-    g.add_argument("--key-file", metavar="FILE", help="the shared secret for --target")
+    g.add_argument("--key-file", metavar="FILE", help="the shared secret for HOST:PORT targets")
     g.add_argument(
         "--replicate",
         choices=("async", "sync"),
@@ -182,6 +192,42 @@ class FanoutSink:
             s.close(drain_timeout)
 
 
+def check_mount_arguments(args: argparse.Namespace) -> None:
+    """Validate ``--target`` and ``--key-file`` before the mount daemonizes (one-line errors):
+    every target parses, and TCP targets have a readable key."""
+    targets: list[str] = list(getattr(args, "target", None) or [])
+    for text in targets:
+        _parse_target(text)
+    if any(not is_ssh_target(t) for t in targets):
+        if not getattr(args, "key_file", None):
+            raise ReplicaUsageError(
+                "--target HOST:PORT needs --key-file (the secret shared with the target)"
+            )
+        read_key(args.key_file)
+
+
+def _parse_target(text: str) -> tuple[str, int] | SshSpec:
+    if is_ssh_target(text):
+        try:
+            return parse_ssh_target(text)
+        except ValueError as e:
+            raise ReplicaUsageError(str(e)) from None
+    return _hostport(text)
+
+
+def _open_target(text: str, key_file: str | None, source: bytes) -> tuple[str, TargetFactory]:
+    """(name, factory) for one ``--target``: ``HOST:PORT`` or ``ssh://[user@]host/path``."""
+    spec = _parse_target(text)
+    if isinstance(spec, SshSpec):
+        return spec.url, open_ssh_target(spec, source)
+    if not key_file:
+        raise ReplicaUsageError(
+            "--target HOST:PORT needs --key-file (the secret shared with the target)"
+        )
+    host, port = spec
+    return f"{host}:{port}", open_wire_target(host, port, read_key(key_file), source)
+
+
 def make_sink(args: argparse.Namespace, backing: str) -> ChangeSink | None:
     """The change sink for ``fusefs mount`` (None without ``--target``); starts replicating.
 
@@ -191,22 +237,17 @@ def make_sink(args: argparse.Namespace, backing: str) -> ChangeSink | None:
     targets: list[str] = list(getattr(args, "target", None) or [])
     if not targets:
         return None
-    if not getattr(args, "key_file", None):
-        raise ReplicaUsageError("--target needs --key-file (the secret shared with the target)")
-    key = read_key(args.key_file)
+    check_mount_arguments(args)
     source = _source_name(getattr(args, "source", None))
     mode = getattr(args, "replicate", "async") or "async"
     sinks = []
     for text in targets:
-        host, port = _hostport(text)
-        name = f"{host}:{port}"
+        name, factory = _open_target(text, getattr(args, "key_file", None), source)
         if args.replica_log_dir:
             log_dir = os.path.join(args.replica_log_dir, name.replace(":", "_").replace("/", "_"))
         else:
             log_dir = default_log_dir(backing, name)
-        sink = ReplicationSink(
-            backing, log_dir, open_wire_target(host, port, key, source), name=name, mode=mode
-        )
+        sink = ReplicationSink(backing, log_dir, factory, name=name, mode=mode)
         sink.start()
         sinks.append(sink)
     mountpoint = getattr(args, "mountpoint", None)
@@ -257,8 +298,16 @@ def add_subcommands(subparsers: Any) -> None:
     )
     p.add_argument("replica_dir", metavar="REPLICA_DIR")
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:7411")
-    p.add_argument("--key-file", metavar="FILE", required=True)
-    p.add_argument("--stdio", action="store_true", help="serve one connection on stdin/stdout")
+    p.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the shared secret (required unless --stdio, which ssh:// targets run)",
+    )
+    p.add_argument(
+        "--stdio",
+        action="store_true",
+        help="serve one connection on stdin/stdout (what --target ssh://HOST/PATH runs)",
+    )
     p.add_argument("--max-connections", metavar="N", type=int, default=DEFAULT_MAX_CONNECTIONS)
     p.add_argument(
         "--subtree-per-source",
@@ -274,8 +323,8 @@ def add_subcommands(subparsers: Any) -> None:
         description="Copy the replica held by the target into DIR (empty or new).",
     )
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("--target", metavar="HOST:PORT", required=True)
-    p.add_argument("--key-file", metavar="FILE", required=True)
+    p.add_argument("--target", metavar="HOST:PORT|ssh://[USER@]HOST/PATH", required=True)
+    p.add_argument("--key-file", metavar="FILE", help="the shared secret (HOST:PORT targets)")
     p.add_argument("--source", metavar="NAME", help="the source name (default: the host name)")
     p.set_defaults(func=cmd_restore)
 
@@ -287,8 +336,8 @@ def add_subcommands(subparsers: Any) -> None:
         "contents (SHA-256).  Lists every difference; exit status 0 only when there is none.",
     )
     p.add_argument("backing", metavar="BACKING")
-    p.add_argument("--target", metavar="HOST:PORT", required=True)
-    p.add_argument("--key-file", metavar="FILE", required=True)
+    p.add_argument("--target", metavar="HOST:PORT|ssh://[USER@]HOST/PATH", required=True)
+    p.add_argument("--key-file", metavar="FILE", help="the shared secret (HOST:PORT targets)")
     p.add_argument("--source", metavar="NAME", help="the source name (default: the host name)")
     p.set_defaults(func=cmd_verify)
 
@@ -305,7 +354,12 @@ def add_subcommands(subparsers: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
-    key = read_key(args.key_file)
+    if args.key_file:
+        key = read_key(args.key_file)
+    elif args.stdio:
+        key = STDIO_KEY  # ssh authenticated the peer
+    else:
+        raise ReplicaUsageError("serve needs --key-file (or --stdio, run through ssh)")
     host, port = _hostport(args.listen)
     if args.max_connections < 1:
         raise ReplicaUsageError("--max-connections must be at least 1")
@@ -327,6 +381,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         )
     except OSError as e:
+        if args.stdio:
+            raise ReplicaUsageError(f"serve --stdio: {e.strerror or e}") from None
         raise ReplicaUsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     except KeyboardInterrupt:
         return 0
@@ -334,8 +390,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace) -> Any:
-    host, port = _hostport(args.target)
-    return open_wire_target(host, port, read_key(args.key_file), _source_name(args.source))
+    return _open_target(args.target, args.key_file, _source_name(args.source))[1]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

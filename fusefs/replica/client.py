@@ -56,7 +56,13 @@ from fusefs.replica.target import Target, TargetError, TargetFactory
 from fusefs.replica.transport import FdTransport, TransportClosed, tune_socket
 from fusefs.replica.tree import Difference, block_size_for, checksum_fd, differences, walk
 
-__all__ = ["ReplicationSink", "WireTarget", "describe_error", "open_wire_target"]
+__all__ = [
+    "ReplicationSink",
+    "WireTarget",
+    "describe_error",
+    "open_wire_target",
+    "run_wire_target",
+]
 
 log = logging.getLogger(__name__)
 
@@ -293,31 +299,42 @@ def open_wire_target(
         with sock:
             tune_socket(sock)
             transport = FdTransport(sock.fileno())
-            conn = w.Connection(w.Role.CLIENT, key, source)
-            target = WireTarget(transport, conn, name)
             try:
-                with trio.fail_after(timeout):
-                    await _handshake(target)
-            except trio.TooSlowError:
-                raise TargetError(f"{name}: no answer to the handshake") from None
-            except w.WireError as e:
-                if e.code == w.E_AUTH:
-                    raise TargetError(f"{name}: authentication failed ({e})") from None
-                raise TargetError(f"{name}: protocol error: {e}") from None
-            except TransportClosed as e:
-                raise TargetError(f"{name}: {e}") from None
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(target.reader)
+                async with run_wire_target(transport, key, source, name, timeout) as target:
                     yield target
-                    await target.close()
-                    nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                raise _single_target_error(group) from None
             finally:
                 transport.close()
 
     return factory
+
+
+@asynccontextmanager
+async def run_wire_target(
+    transport: FdTransport, key: bytes, source: bytes, name: str, timeout: float = CONNECT_TIMEOUT
+) -> AsyncIterator[WireTarget]:
+    """Handshake over a connected byte stream, then the target with its reader running
+    (shared by the TCP and the ssh targets); every failure is one :class:`TargetError`."""
+    conn = w.Connection(w.Role.CLIENT, key, source)
+    target = WireTarget(transport, conn, name)
+    try:
+        with trio.fail_after(timeout):
+            await _handshake(target)
+    except trio.TooSlowError:
+        raise TargetError(f"{name}: no answer to the handshake") from None
+    except w.WireError as e:
+        if e.code == w.E_AUTH:
+            raise TargetError(f"{name}: authentication failed ({e})") from None
+        raise TargetError(f"{name}: protocol error: {e}") from None
+    except TransportClosed as e:
+        raise TargetError(f"{name}: {e}") from None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(target.reader)
+            yield target
+            await target.close()
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _single_target_error(group) from None
 
 
 def _single_target_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

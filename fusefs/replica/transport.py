@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 from typing import Protocol
 
 import trio
@@ -43,6 +44,12 @@ def tune_socket(sock: _Sock) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _grow_if_pipe(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, min(PIPE_SIZE, _pipe_max()))
+
+
 def _pipe_max() -> int:
     try:
         with open("/proc/sys/fs/pipe-max-size") as f:
@@ -72,6 +79,8 @@ class FdTransport:
         self.wfd = rfd if wfd is None else wfd
         _set_nonblocking(self.rfd)
         _set_nonblocking(self.wfd)
+        for fd in {self.rfd, self.wfd}:
+            _grow_if_pipe(fd)  # ssh's pipes: MiBs per sendfile/splice instead of 64 KiB
         self.send_lock = trio.Lock()
         self._pipe: tuple[int, int] | None = None
         self._pipe_size = 1 << 16

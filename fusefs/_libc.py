@@ -17,6 +17,7 @@ __all__ = [
     "AT_SYMLINK_NOFOLLOW",
     "UTIME_NOW",
     "UTIME_OMIT",
+    "cached",
     "fallocate",
     "fchmod_empty",
     "fchown_empty",
@@ -79,6 +80,28 @@ def fs_magic(fd: int) -> int:
     buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
     _check(_fstatfs(fd, buf))
     return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little") & 0xFFFFFFFF
+
+
+_syscall = _libc.syscall
+_SYS_CACHESTAT = 451  # x86_64 and the generic table alike (Linux 6.5+)
+_cachestat_works = True
+
+
+def cached(fd: int, offset: int, length: int) -> bool:
+    """Whether every page of the range is in the page cache (cachestat(2)), so reading it
+    cannot block on the disk.  False when unsure (no cachestat: Linux < 6.5, or an error)."""
+    global _cachestat_works
+    if not _cachestat_works or length <= 0:
+        return False
+    rng = (ctypes.c_uint64 * 2)(offset, length)
+    out = (ctypes.c_uint64 * 5)()
+    if _syscall(_SYS_CACHESTAT, ctypes.c_uint(fd), rng, out, ctypes.c_uint(0)) != 0:
+        if ctypes.get_errno() == errno.ENOSYS:
+            _cachestat_works = False
+        return False
+    first = offset >> 12
+    last = (offset + length - 1) >> 12
+    return out[0] >= last - first + 1
 
 
 def syncfs(fd: int) -> None:

@@ -64,7 +64,8 @@ mount options (-o, comma-separated, repeatable; unknown options are an error):
                          kernel passthrough where possible, else splice)
   max_pages=N            largest request in 4 KiB pages, 1..256 (default 255, so a
                          spliced 1 MiB reply fits one pipe)
-  read_ahead_kb=N        read-ahead of the mount in KiB (default 1024)
+  read_ahead_kb=N        read-ahead of the mount in KiB (default 1016: one whole
+                         READ of 254 pages per window, not 254 + a 2-page straggler)
   max_background=N       background requests the kernel keeps in flight
   session={"|".join(SESSIONS)}  which FUSE session serves the mount (as --session)
   ignored (as added by mount(8)/fstab): rw, defaults, dev, nodev, suid, nosuid,

@@ -100,8 +100,9 @@ class MountOptions:
     data: DataMode = "auto"
     #: Largest request/reply in pages; 255 keeps a spliced 1 MiB reply inside one pipe.
     max_pages: int = 255
-    #: Read-ahead of the mount's backing device info, in KiB.
-    read_ahead_kb: int = 1024
+    #: Read-ahead of the mount's backing device info, in KiB.  A multiple of the largest READ
+    #: (254 pages with splice): 1024 KiB made every window one full READ plus a 1- or 2-page one.
+    read_ahead_kb: int = 1016
     #: Maximum background requests in flight in the kernel; None keeps the kernel default.
     max_background: int | None = None
     #: Which FUSE session serves the mount: ours (fusefs) or pyfuse3/libfuse's.

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,32 @@ def test_splice_request_small_and_write(tmp_path: Path, payload_size: int) -> No
         os.close(dev_r)
         os.close(dev_w)
         pool.close()
+
+
+def test_cached_tells_page_cache_residency(tmp_path: Path) -> None:
+    """cachestat decides whether a big spliced READ may run in the loop: only when every page
+    of the range is cached (a disk read would stall the loop)."""
+    from fusefs import _libc
+
+    base = os.open(tmp_path, os.O_RDONLY)
+    in_memory = _libc.fs_magic(base) == 0x01021994  # tmpfs: its pages cannot be dropped
+    os.close(base)
+    folder = Path(tempfile.mkdtemp(dir="/var/tmp")) if in_memory else tmp_path
+    path = folder / "f"
+    path.write_bytes(os.urandom(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not _libc.cached(fd, 0, 1 << 20)
+        os.pread(fd, 1 << 20, 0)
+        assert _libc.cached(fd, 0, 1 << 20)
+        assert _libc.cached(fd, 4097, 8000)
+        os.posix_fadvise(fd, 512 << 10, 4096, os.POSIX_FADV_DONTNEED)  # one page gone
+        assert not _libc.cached(fd, 0, 1 << 20)
+        assert _libc.cached(fd, 0, 512 << 10)
+        assert not _libc.cached(fd, 0, 0)
+    finally:
+        os.close(fd)
+        if in_memory:
+            shutil.rmtree(folder)

@@ -27,7 +27,7 @@ def test_defaults() -> None:
     assert opts.data == "auto"
     assert opts.max_pages == 255
     assert opts.max_read == 255 * 4096
-    assert opts.read_ahead_kb == 1024
+    assert opts.read_ahead_kb == 1016
     assert opts.max_background is None
     assert not (opts.allow_other or opts.default_permissions or opts.ro or opts.nonempty)
     assert not opts.writeback_cache

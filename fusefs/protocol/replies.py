@@ -32,6 +32,7 @@ __all__ = [
     "reply_copy_file_range_64",
     "reply_create",
     "reply_data",
+    "reply_data_parts",
     "reply_empty",
     "reply_entry",
     "reply_error",
@@ -176,6 +177,12 @@ def read_reply_header(unique: int, data_len: int) -> bytes:
 def reply_data(unique: int, data: bytes | bytearray | memoryview) -> bytes:
     """A success reply carrying ``data`` (READ, READLINK, READDIR, GETXATTR, LISTXATTR)."""
     return _pack_header(_OUT + len(data), 0, unique) + data
+
+
+def reply_data_parts(unique: int, data: bytes) -> list[bytes]:
+    """reply_data as [header, data], for writev: a large READ reply is not copied once more
+    just to put 16 bytes in front of it."""
+    return [_pack_header(_OUT + len(data), 0, unique), data]
 
 
 _pack_entry = abi.OUT_ENTRY.pack

@@ -36,6 +36,10 @@ looks for a few optional methods that pyfuse3 has no way to express:
     our session then opens files with FOPEN_NOFLUSH and the kernel sends no FLUSH at all.
     Without it every close() is a FLUSH round trip, as under pyfuse3.
 
+``passthrough_allowed: bool`` (an attribute)
+    False when ``passthrough_fd`` will never give an fd (the filesystem must see all I/O, e.g.
+    to replicate it); the session then serves data by splice and reports that, and why.
+
 ``passthrough_fd(fh) -> int | None``
     Asked right after OPEN/CREATE: the fd the kernel may serve this open file's I/O from directly
     (FUSE passthrough), or None when the filesystem must see the I/O itself.

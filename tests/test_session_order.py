@@ -75,3 +75,21 @@ async def test_atime_setattr_waits_for_reads_in_flight(tmp_path: Path) -> None:
         ours.close()
         kernel.close()
         ops.close()
+
+
+def test_no_passthrough_when_the_filesystem_must_see_io(tmp_path: Path) -> None:
+    """With a change sink (replication) the mirror passes nothing through, and the session
+    says so: data_mode splice with the reason, not passthrough with no file passed."""
+    from fusefs.mirror.changes import ListSink
+    from fusefs.protocol.init import Negotiated
+
+    neg = Negotiated(True, 7, 41, 0, abi.FUSE_PASSTHROUGH, 0, 0, 254, 12, 9, 1, 1)
+    modes = []
+    for sink in (None, ListSink()):
+        ops = MirrorFS(tmp_path, changes=sink)
+        session = Session(ops, -1, str(tmp_path), data="auto")
+        session._choose_data_mode(neg)
+        modes.append((session.counters.data_mode, session.passthrough))
+        ops.close()
+    assert modes == [("passthrough", True), ("splice", False)]
+    assert "replication" in session.counters.data_mode_reason

@@ -418,6 +418,9 @@ class MirrorFS(Operations):
         #: its reader task instead of a task of their own (see fusefs.ops).  With a change
         #: sink, the methods that report changes await the sink and are left out.
         self.quick_methods = _QUICK_ALWAYS if self._track else _QUICK_ALWAYS | _QUICK_UNTRACKED
+        #: With a sink every write must pass through us, and the kernel does not let an inode
+        #: mix passthrough and ordinary opens: then no open is passed through.
+        self.passthrough_allowed = not self._track
         #: read/write up to this size are plain syscalls (larger ones go to a worker thread).
         self.quick_io_max = 0 if self._track else _INLINE_IO
         #: close() through the mount needs a FLUSH round trip only to wait for a sync

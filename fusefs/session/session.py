@@ -529,16 +529,20 @@ class Session:
     def _choose_data_mode(self, neg: Negotiated) -> None:
         wanted = self.data_wanted
         has_range = hasattr(self.ops, "read_range")
+        may_pass = getattr(self.ops, "passthrough_allowed", True)
         if (
             wanted in ("auto", "passthrough")
             and neg.passthrough
             and hasattr(self.ops, "passthrough_fd")
+            and may_pass
         ):
             mode, why = "passthrough", "kernel offers FUSE_PASSTHROUGH and we hold CAP_SYS_ADMIN"
         elif wanted in ("auto", "passthrough", "splice") and has_range:
             mode = "splice"
             if wanted == "splice":
                 why = "asked for"
+            elif not may_pass:
+                why = "the filesystem must see every read and write (a replication target)"
             elif self.writeback_cache:
                 why = "passthrough does not combine with writeback_cache"
             elif os.geteuid() != 0:

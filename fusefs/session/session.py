@@ -299,7 +299,6 @@ class Session:
         batch = 0
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        stats = trio.lowlevel.current_statistics
         try:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -312,17 +311,12 @@ class Session:
                         else:
                             buf = os.read(fd, bufsize)
                     except BlockingIOError:
-                        st = stats()
-                        if (
-                            not self._tasks
-                            and not st.tasks_runnable
-                            and not st.run_sync_soon_queue_size
-                            and poller.poll(_IDLE_POLL_MS)
-                        ):
-                            # Nothing else to run: waiting in poll(2) directly skips a pass
+                        if not self._tasks and poller.poll(_IDLE_POLL_MS):
+                            # No task of ours alive: waiting in poll(2) directly skips a pass
                             # of trio's scheduler per request (the storm case: a process
-                            # issuing one request after another).  Signals still land
-                            # within _IDLE_POLL_MS, when trio's own wait takes over.
+                            # issuing one request after another).  Anything else trio runs
+                            # (signal handlers) waits at most _IDLE_POLL_MS, when trio's own
+                            # wait takes over.
                             continue
                         await trio.lowlevel.wait_readable(fd)
                         continue
@@ -357,13 +351,13 @@ class Session:
                         if pre.size <= self._quick_io:
                             await self._handle(req, payload)
                         else:
-                            nursery.start_soon(self._task, self._handle, req, payload)
+                            self._spawn(nursery, self._handle, req, payload)
                         continue
                     if op == abi.Opcode.FORGET or op == abi.Opcode.BATCH_FORGET:
                         if self._quick_forget:
                             await self._forget(req)
                         else:
-                            nursery.start_soon(self._task, self._forget, req)
+                            self._spawn(nursery, self._forget, req)
                     elif op == abi.Opcode.INTERRUPT:
                         self._interrupt(req)
                     elif op == abi.Opcode.INIT:
@@ -382,7 +376,7 @@ class Session:
                             and req.valid & _SETS_ATIME
                             and req.nodeid in self._reading
                         ):
-                            nursery.start_soon(self._task, self._setattr_after_reads, req)
+                            self._spawn(nursery, self._setattr_after_reads, req)
                         else:
                             if op == abi.Opcode.READ:
                                 self._reading[req.nodeid] = self._reading.get(req.nodeid, 0) + 1
@@ -392,7 +386,7 @@ class Session:
                                 # The filesystem promised this never suspends: no task needed.
                                 await self._handle(req)
                             else:
-                                nursery.start_soon(self._task, self._handle, req)
+                                self._spawn(nursery, self._handle, req)
                         # Tasks run when the device has nothing more for us (wait_readable
                         # yields), or after a batch: no scheduler pass per request.
                         if batch >= 64:
@@ -524,7 +518,7 @@ class Session:
         if init is not None:
             init()
         self._send(reply)
-        nursery.start_soon(self._task, self._after_init)
+        self._spawn(nursery, self._after_init)
 
     def _choose_data_mode(self, neg: Negotiated) -> None:
         wanted = self.data_wanted
@@ -721,9 +715,13 @@ class Session:
             bid,
         )
 
-    async def _task(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
-        """A task of ours, counted: while any lives, the loop waits through trio."""
+    def _spawn(self, nursery: trio.Nursery, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Start a task of ours, counted from now: while any is alive or waiting to start,
+        the loop waits through trio (see serve)."""
         self._tasks += 1
+        nursery.start_soon(self._task, fn, *args)
+
+    async def _task(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         try:
             await fn(*args)
         finally:

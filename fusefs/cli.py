@@ -67,6 +67,8 @@ mount options (-o, comma-separated, repeatable; unknown options are an error):
   read_ahead_kb=N        read-ahead of the mount in KiB (default 1016: one whole
                          READ of 254 pages per window, not 254 + a 2-page straggler)
   max_background=N       background requests the kernel keeps in flight
+  idle_spin_us=N         poll the device N us before sleeping when idle (default 50;
+                         0 never spins): fast replies to one-request-at-a-time callers
   session={"|".join(SESSIONS)}  which FUSE session serves the mount (as --session)
   ignored (as added by mount(8)/fstab): rw, defaults, dev, nodev, suid, nosuid,
   exec, auto, noauto, user, nouser, users, _netdev, nofail, x-* (x-systemd.*),

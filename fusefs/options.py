@@ -105,6 +105,9 @@ class MountOptions:
     read_ahead_kb: int = 1016
     #: Maximum background requests in flight in the kernel; None keeps the kernel default.
     max_background: int | None = None
+    #: Microseconds the reader polls the device before sleeping, when idle: a process issuing
+    #: one request after another (rsync, find) then finds us awake (0: never spin).
+    idle_spin_us: int = 50
     #: Which FUSE session serves the mount: ours (fusefs) or pyfuse3/libfuse's.
     session: SessionName = "fusefs"
 
@@ -209,6 +212,7 @@ _INTS: dict[str, tuple[int, int]] = {
     "max_pages": (1, MAX_PAGES_LIMIT),
     "read_ahead_kb": (0, 1 << 30),
     "max_background": (1, 65535),
+    "idle_spin_us": (0, 100_000),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {"data": DATA_MODES, "session": SESSIONS}
 

@@ -29,6 +29,8 @@ def test_defaults() -> None:
     assert opts.max_read == 255 * 4096
     assert opts.read_ahead_kb == 1016
     assert opts.max_background is None
+    assert opts.idle_spin_us == 50
+    assert parse_options(["idle_spin_us=0"]).idle_spin_us == 0
     assert not (opts.allow_other or opts.default_permissions or opts.ro or opts.nonempty)
     assert not opts.writeback_cache
     assert opts.fstype == "fuse.fusefs"
@@ -120,6 +122,7 @@ def test_fstab_line_options() -> None:
         ("max_pages=257", "between 1 and 256"),
         ("max_pages=1.5", "whole number"),
         ("max_background=0", "between 1 and 65535"),
+        ("idle_spin_us=100001", "between 0 and 100000"),
         ("read_ahead_kb=-1", "between 0"),
         ("data=mmap", "one of auto, passthrough, splice, copy"),
         ("session=libfuse", "one of fusefs, pyfuse3"),

@@ -207,8 +207,11 @@ def test_everything_through_the_mount_reaches_the_replica(
         r = run_cli("verify", str(backing), "--target", f"127.0.0.1:{serve.port}",
                     "--key-file", str(serve.key_file), "--source", "e2e")  # fmt: skip
         assert r.returncode == 1 and "copy/moved" in r.stdout, r.stdout + r.stderr
-        r = run_cli("status", str(mnt))
-        assert r.returncode == 0 and "connected      yes" in r.stdout, r.stdout + r.stderr
+        # verify used the mount's source name, which replaces the mount's connection on the
+        # server: the mount reconnects (after its back-off) and says so
+        wait_until_sync(
+            lambda: "connected      yes" in run_cli("status", str(mnt)).stdout, 15, "reconnection"
+        )
     finally:
         m.close()
     # restore the replica elsewhere: equal to the replica

@@ -85,11 +85,32 @@ class FdTransport:
         self._pipe: tuple[int, int] | None = None
         self._pipe_size = 1 << 16
         self._splice_ok = True
+        #: a dup of a socket rfd, to set SO_RCVLOWAT on (None: not a socket, or refused)
+        self._lowat_sock: socket.socket | None = None
+        self._lowat = 1
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.fstat(rfd).st_mode):
+                self._lowat_sock = socket.socket(fileno=os.dup(rfd))
         self.bytes_sent = 0
         self.bytes_received = 0
 
+    def _wait_for(self, n: int) -> None:
+        """Wake the reader only once ``n`` bytes are queued (SO_RCVLOWAT): while a large DATA
+        payload streams in, one wake-up and one splice per pipeful instead of per segment."""
+        if self._lowat_sock is None or n == self._lowat:
+            return
+        try:
+            self._lowat_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+            self._lowat = n
+        except OSError:
+            self._lowat_sock.close()
+            self._lowat_sock = None
+
     def close(self) -> None:
         """Release the splice pipe (not the fds)."""
+        if self._lowat_sock is not None:
+            self._lowat_sock.close()
+            self._lowat_sock = None
         if self._pipe is not None:
             for fd in self._pipe:
                 os.close(fd)
@@ -103,6 +124,7 @@ class FdTransport:
             try:
                 data = os.read(self.rfd, n)
             except BlockingIOError:
+                self._wait_for(1)
                 await trio.lowlevel.wait_readable(self.rfd)
                 continue
             except (ConnectionError, OSError) as e:
@@ -152,6 +174,9 @@ class FdTransport:
             except BlockingIOError:
                 if moved:
                     break
+                # the sender always completes a payload: waiting for the rest of it (up to a
+                # pipeful) cannot deadlock, and EOF or a reset still wakes us
+                self._wait_for(min(count, self._pipe_size))
                 await trio.lowlevel.wait_readable(self.rfd)
                 continue
             if n == 0:

@@ -132,3 +132,28 @@ def test_cached_tells_page_cache_residency(tmp_path: Path) -> None:
         os.close(fd)
         if in_memory:
             shutil.rmtree(folder)
+
+
+def test_stall_guard_backs_off_and_recovers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big WRITE payloads are spliced in the loop while that is fast; after a slow one they go
+    to worker threads for a while, longer each time in a row, and a fast one resets that."""
+    from fusefs.session import datapath
+
+    now = [10**12]
+    monkeypatch.setattr(datapath.time, "monotonic_ns", lambda: now[0])
+    guard = datapath.StallGuard()
+    guard.took(datapath.STALL_NS // 2)
+    assert guard.inline_ok()
+    guard.took(datapath.STALL_NS * 2)  # slow: threads for the first back-off
+    assert not guard.inline_ok()
+    now[0] += datapath.STALL_BACKOFF_NS
+    assert guard.inline_ok()
+    guard.took(datapath.STALL_NS * 2)  # slow again: twice as long
+    now[0] += datapath.STALL_BACKOFF_NS
+    assert not guard.inline_ok()
+    now[0] += datapath.STALL_BACKOFF_NS
+    assert guard.inline_ok()
+    guard.took(1000)  # fast: the back-off starts over
+    guard.took(datapath.STALL_NS * 2)
+    now[0] += datapath.STALL_BACKOFF_NS
+    assert guard.inline_ok()

@@ -31,10 +31,11 @@ looks for a few optional methods that pyfuse3 has no way to express:
     ``read_range`` and ``write_payload``; our session runs them in its reader task like
     ``quick_methods``.  Without it (or 0) every READ and WRITE gets a task.
 
-``flush_needed: bool`` (an attribute)
-    False when ``flush()`` (each close() of a file) does nothing an application could observe:
-    our session then opens files with FOPEN_NOFLUSH and the kernel sends no FLUSH at all.
-    Without it every close() is a FLUSH round trip, as under pyfuse3.
+``needs_flush(fh) -> bool``
+    Asked right after OPEN/CREATE: False when ``flush()`` (each close() of that open file) does
+    nothing an application could observe; our session then opens it with FOPEN_NOFLUSH and
+    the kernel sends no FLUSH for it.  Without it every close() is a FLUSH round trip, as under
+    pyfuse3.
 
 ``passthrough_allowed: bool`` (an attribute)
     False when ``passthrough_fd`` will never give an fd (the filesystem must see all I/O, e.g.

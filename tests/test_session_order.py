@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,59 @@ def test_no_passthrough_when_the_filesystem_must_see_io(tmp_path: Path) -> None:
         ops.close()
     assert modes == [("passthrough", True), ("splice", False)]
     assert "replication" in session.counters.data_mode_reason
+
+
+async def test_atime_setattr_waits_only_for_earlier_reads(tmp_path: Path) -> None:
+    """READs that arrive after the SETATTR do not hold it up (a reader that keeps readahead
+    going would otherwise delay a `touch` forever), and an INTERRUPT ends the wait with EINTR."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    ops = MirrorFS(backing)
+    gates = {10: trio.Event(), 12: trio.Event(), 20: trio.Event()}
+    current: list[int] = []
+
+    async def read(fh: int, off: int, size: int) -> bytes:
+        unique = current.pop(0)
+        await gates[unique].wait()
+        return b"x" * size
+
+    async def setattr(inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        return await ops.getattr(inode, ctx)
+
+    ops.quick_io_max = 0
+    ops.read = read  # type: ignore[method-assign]
+    ops.setattr = setattr  # type: ignore[method-assign]
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.setblocking(False)
+    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="copy")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve)
+            current.append(10)
+            kernel.send(_read(10))
+            await trio.testing.wait_all_tasks_blocked()
+            kernel.send(_setattr(11, abi.FATTR_ATIME))
+            await trio.testing.wait_all_tasks_blocked()
+            current.append(12)
+            kernel.send(_read(12))
+            await trio.testing.wait_all_tasks_blocked()
+            gates[10].set()
+            assert {(await _recv(kernel))[2] for _ in range(2)} == {10, 11}
+            # READ 12 is still in flight; an INTERRUPT ends a SETATTR's wait for it.
+            current.append(20)
+            kernel.send(_read(20))
+            await trio.testing.wait_all_tasks_blocked()
+            kernel.send(_setattr(21, abi.FATTR_ATIME))
+            await trio.testing.wait_all_tasks_blocked()
+            body = abi.INTERRUPT_IN.pack(21)
+            kernel.send(frame(Opcode.INTERRUPT, body, unique=22))
+            _, error, unique = await _recv(kernel)
+            assert (unique, error) == (21, -errno.EINTR)
+            gates[12].set()
+            gates[20].set()
+            assert {(await _recv(kernel))[2] for _ in range(2)} == {12, 20}
+            nursery.cancel_scope.cancel()
+    finally:
+        ours.close()
+        kernel.close()
+        ops.close()

@@ -110,20 +110,6 @@ _QUICK_UNTRACKED = frozenset(
 )  # fmt: skip
 
 
-#: Filesystems whose close() does nothing a caller could observe (statfs f_type): ext2/3/4,
-#: xfs, btrfs, tmpfs, f2fs, zfs, bcachefs.  Anything else (NFS, SMB, FUSE, 9p...) gets FLUSH.
-_QUIET_CLOSE_FS = frozenset(
-    {0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010, 0x2FC12FC1, 0xCA451A4E}
-)
-
-
-def _acts_on_close(fd: int) -> bool:
-    try:
-        return _libc.fs_magic(fd) not in _QUIET_CLOSE_FS
-    except OSError:
-        return True
-
-
 class _Ctx(Protocol):
     """The request context attributes we use (pyfuse3's RequestContext or fusefs.ops's)."""
 
@@ -423,10 +409,9 @@ class MirrorFS(Operations):
         self.passthrough_allowed = not self._track
         #: read/write up to this size are plain syscalls (larger ones go to a worker thread).
         self.quick_io_max = 0 if self._track else _INLINE_IO
-        #: close() through the mount needs a FLUSH round trip only to wait for a sync
-        #: replica, or for a backing filesystem that acts on close (NFS writes back and
-        #: reports errors there); elsewhere our session opens files with FOPEN_NOFLUSH.
-        self.flush_needed = self._barrier is not None or _acts_on_close(root_fd)
+        #: st_dev -> whether close() on that backing filesystem may do something a caller
+        #: sees (see needs_flush); BACKING may hold other filesystems' mount points.
+        self._close_matters: dict[int, bool] = {}
         self._is_root = os.geteuid() == 0
         self._dev = st.st_dev
         self._next_id = _COUNTER_BASE
@@ -1031,6 +1016,24 @@ class MirrorFS(Operations):
         n = await payload.to_fd(h.fd, off)
         await self._record_write(h, off, n)
         return n
+
+    def needs_flush(self, fh: int) -> bool:
+        """Whether close() of this open file needs a FLUSH: to wait for a replica
+        (``barrier``), or because its backing filesystem acts on close (NFS writes back and
+        reports errors there).  Local filesystems do not: the session then opens the file
+        with FOPEN_NOFLUSH and close costs no round trip."""
+        if self._barrier is not None:
+            return True
+        h = self._handle(fh)
+        dev = h.inode.key[0]
+        matters = self._close_matters.get(dev)
+        if matters is None:
+            try:
+                matters = _libc.fs_magic(h.fd) not in _libc.LOCAL_FS
+            except OSError:
+                matters = True
+            self._close_matters[dev] = matters
+        return matters
 
     def passthrough_fd(self, fh: int) -> int | None:
         """The backing fd the kernel may serve this open file's I/O from, or None.

@@ -28,6 +28,7 @@ import trio
 from fusefs import _libc
 from fusefs.ops import (
     EntryAttributes,
+    FileRange,
     FUSEError,
     ReaddirToken,
     RequestContext,
@@ -115,6 +116,8 @@ def _in_group(pid: int, gid: int, group: int) -> bool:
 
 _SETS_ATIME = abi.FATTR_ATIME | abi.FATTR_ATIME_NOW
 _IDLE_POLL_MS = 20
+#: The reader loop lets trio run other tasks at least this often.
+_YIELD_NS = 20_000_000
 #: READ replies larger than this go out with writev instead of being joined to their header.
 _JOIN_MAX = 16 * 1024
 
@@ -233,18 +236,18 @@ class Session:
         self._fh_backing: dict[int, int] = {}  # fh -> backing fd
         self._inflight: dict[int, trio.CancelScope | None] = {}
         self._interrupted: set[int] = set()
-        #: READs being served, per node, and events for SETATTRs waiting for them to finish
-        #: (see _setattr_after_reads).
-        self._reading: dict[int, int] = {}
+        #: Uniques of the READs being served, per node, and events for SETATTRs waiting for
+        #: some of them to finish (see _setattr_after_reads).
+        self._reading: dict[int, set[int]] = {}
+        self._reads_done: dict[int, trio.Event] = {}
         #: Tasks we spawned that are still alive (see serve: idle waits).
         self._tasks = 0
-        #: FOPEN_NOFLUSH on every open when the filesystem says close() needs no FLUSH: two
-        #: of rsync's ~17 requests per file.
-        self._noflush = 0 if getattr(ops, "flush_needed", True) else abi.FOPEN_NOFLUSH
+        #: Asked after each OPEN/CREATE: False gives FOPEN_NOFLUSH (two of rsync's ~17
+        #: requests per file).
+        self._needs_flush: Callable[[int], bool] | None = getattr(ops, "needs_flush", None)
         #: READs and WRITEs up to this size run in the reader task (below THREAD_MIN our own
         #: splices are synchronous too).
         self._quick_io = min(getattr(ops, "quick_io_max", 0), THREAD_MIN - 1)
-        self._reads_done: dict[int, trio.Event] = {}
         quick = set(getattr(ops, "quick_methods", ()))
         self._quick_forget = "forget" in quick
         self._quick = frozenset(
@@ -298,13 +301,20 @@ class Session:
         os.set_blocking(self.devfd, False)
         bufsize = self._bufsize
         fd = self.devfd
-        batch = 0
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         spin = self.idle_spin_ns
         try:
             async with trio.open_nursery() as nursery:
+                last_yield = time.perf_counter_ns()
                 while True:
+                    # Our tasks, and whatever else trio runs (signal handlers: SIGTERM must
+                    # unmount promptly), get the loop at least every _YIELD_NS even while
+                    # requests keep coming and run inline.
+                    now = time.perf_counter_ns()
+                    if now - last_yield > _YIELD_NS:
+                        last_yield = now
+                        await trio.lowlevel.checkpoint()
                     payload: PipePayload | None = None
                     try:
                         if self.splice_writes:
@@ -325,9 +335,10 @@ class Session:
                             # No task of ours alive: waiting in poll(2) directly skips a pass
                             # of trio's scheduler per request (the storm case: a process
                             # issuing one request after another).  Anything else trio runs
-                            # (signal handlers) waits at most _IDLE_POLL_MS, when trio's own
-                            # wait takes over.
+                            # waits at most _YIELD_NS (above) or _IDLE_POLL_MS, when trio's
+                            # own wait takes over.
                             continue
+                        last_yield = time.perf_counter_ns()
                         await trio.lowlevel.wait_readable(fd)
                         continue
                     except OSError as e:
@@ -358,7 +369,7 @@ class Session:
                         log.debug("request %s", _describe(req))
                     if payload is not None:
                         self._inflight[req.unique] = None
-                        if pre.size <= self._quick_io:
+                        if 0 < pre.size <= self._quick_io:
                             await self._handle(req, payload)
                         else:
                             self._spawn(nursery, self._handle, req, payload)
@@ -380,7 +391,6 @@ class Session:
                         # task's start is not answered EAGAIN (the kernel would resend it at
                         # once, forever, since tasks run only when this loop yields).
                         self._inflight[req.unique] = None
-                        batch += 1
                         if (
                             isinstance(req, rq.Setattr)
                             and req.valid & _SETS_ATIME
@@ -389,19 +399,15 @@ class Session:
                             self._spawn(nursery, self._setattr_after_reads, req)
                         else:
                             if op == abi.Opcode.READ:
-                                self._reading[req.nodeid] = self._reading.get(req.nodeid, 0) + 1
+                                self._reading.setdefault(req.nodeid, set()).add(req.unique)
                             if op in self._quick or (
-                                isinstance(req, rq.Read | rq.Write) and req.size <= self._quick_io
+                                isinstance(req, rq.Read | rq.Write)
+                                and 0 < req.size <= self._quick_io
                             ):
                                 # The filesystem promised this never suspends: no task needed.
                                 await self._handle(req)
                             else:
                                 self._spawn(nursery, self._handle, req)
-                        # Tasks run when the device has nothing more for us (wait_readable
-                        # yields), or after a batch: no scheduler pass per request.
-                        if batch >= 64:
-                            batch = 0
-                            await trio.lowlevel.checkpoint()
                 nursery.cancel_scope.cancel()
         finally:
             self._close()
@@ -504,7 +510,11 @@ class Session:
     # ----------------------------------------------------------------- INIT
 
     def _init(self, req: Any, nursery: trio.Nursery) -> None:
-        want_pt = self.data_wanted in ("auto", "passthrough") and not self.writeback_cache
+        want_pt = (
+            self.data_wanted in ("auto", "passthrough")
+            and not self.writeback_cache
+            and getattr(self.ops, "passthrough_allowed", True)
+        )
         cfg = InitConfig(
             want_writeback_cache=self.writeback_cache,
             want_passthrough=want_pt and os.geteuid() == 0,
@@ -671,7 +681,9 @@ class Session:
         return entry_reply(req.unique, e)
 
     def _open_flags(self, fi: Any) -> int:
-        flags = self._noflush
+        flags = 0
+        if self._needs_flush is not None and not self._needs_flush(fi.fh):
+            flags |= abi.FOPEN_NOFLUSH
         if fi.direct_io:
             flags |= abi.FOPEN_DIRECT_IO
         if fi.keep_cache:
@@ -738,20 +750,19 @@ class Session:
             self._tasks -= 1
 
     async def _counted_read(self, req: Any) -> Reply:
-        """READ, uncounted from _reading when done (the reader loop counted it in)."""
+        """READ, taken out of _reading when done (the reader loop put it in)."""
         node = req.nodeid
-        reading = self._reading
         try:
             return await self._read(req)
         finally:
-            left = reading[node] - 1
-            if left:
-                reading[node] = left
-            else:
-                del reading[node]
-                done = self._reads_done.pop(node, None)
-                if done is not None:
-                    done.set()
+            uniques = self._reading.get(node)
+            if uniques is not None:
+                uniques.discard(req.unique)
+                if not uniques:
+                    del self._reading[node]
+            done = self._reads_done.pop(node, None)
+            if done is not None:
+                done.set()
 
     async def _setattr_after_reads(self, req: Any) -> None:
         """Set atime only once the READs in flight on the node have read the backing file.
@@ -760,12 +771,40 @@ class Session:
         whose read returned long ago, sets atime; served afterwards they would touch the
         backing file's atime again (relatime does when mtime >= atime), undoing the SETATTR.
         """
-        while req.nodeid in self._reading:
-            done = self._reads_done.get(req.nodeid)
-            if done is None:
-                done = self._reads_done[req.nodeid] = trio.Event()
-            await done.wait()
+        node, unique = req.nodeid, req.unique
+        before = set(self._reading.get(node, ()))  # later READs do not hold it up
+        with trio.CancelScope() as scope:
+            if unique in self._interrupted:
+                self._interrupted.discard(unique)
+                scope.cancel()
+            self._inflight[unique] = scope  # INTERRUPT gives EINTR instead of a long wait
+            while before & self._reading.get(node, set()):
+                done = self._reads_done.get(node)
+                if done is None:
+                    done = self._reads_done[node] = trio.Event()
+                await done.wait()
+        if scope.cancelled_caught:
+            del self._inflight[unique]
+            self._send(rp.reply_error(unique, errno.EINTR))
+            return
+        self._inflight[unique] = None
         await self._handle(req)
+
+    def _in_loop(self, rng: FileRange) -> bool:
+        """Whether a big READ reply is spliced in the loop rather than in a worker thread.
+
+        A thread hop costs more CPU than splicing a MiB already in the page cache of a local
+        filesystem; a range that may need the disk or the network (NFS revalidates) goes to a
+        thread, and so does everything for a while after an in-loop move was slow (pages
+        cachestat counts may still be under read I/O).
+        """
+        if not self._pipes.guard.inline_ok():
+            return False
+        try:
+            local = _libc.fs_magic(rng.fd) in _libc.LOCAL_FS
+        except OSError:
+            return False
+        return local and _libc.cached(rng.fd, rng.offset, rng.size)
 
     async def _read(self, req: Any) -> Reply:
         c = self.counters
@@ -773,12 +812,16 @@ class Session:
             rng = await self.ops.read_range(req.fh, req.offset, req.size)
             args = (self._pipes, self.devfd, req.unique, rng.fd, rng.offset, rng.size)
             try:
-                # A worker thread only when the disk may be involved: a thread hop costs more
-                # CPU than splicing a MiB that is already in the page cache.
-                if rng.size >= THREAD_MIN and not _libc.cached(rng.fd, rng.offset, rng.size):
-                    n = await trio.to_thread.run_sync(splice_read_reply, *args)
-                else:
+                if rng.size < THREAD_MIN:
                     n = splice_read_reply(*args)
+                elif self._in_loop(rng):
+                    start = time.monotonic_ns()
+                    try:
+                        n = splice_read_reply(*args)
+                    finally:
+                        self._pipes.guard.took(time.monotonic_ns() - start)
+                else:
+                    n = await trio.to_thread.run_sync(splice_read_reply, *args)
             except SpliceShort as short:
                 c.splice_fallbacks += 1
                 data = short.data

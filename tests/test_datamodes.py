@@ -476,6 +476,43 @@ def test_flush_kept_where_close_matters(tmp_path: Path) -> None:
     assert trio.run(check, "/proc/self", b"status") is True
 
 
+def test_flush_kept_only_for_sync_replication(tmp_path: Path) -> None:
+    """close() waits for a sync replica (FLUSH kept); an async one never makes it wait, so a
+    local file needs no FLUSH for it."""
+    import trio
+
+    from fusefs.mirror.changes import Change
+    from fusefs.mirror.mirrorfs import MirrorFS
+    from fusefs.ops import RequestContext
+
+    class Sink:
+        def __init__(self, waits: bool) -> None:
+            self.barrier_waits = waits
+
+        async def record(self, change: Change) -> None:
+            pass
+
+        async def barrier(self) -> None:
+            pass
+
+    (tmp_path / "f").write_text("x")
+    ctx = RequestContext(uid=0, gid=0, pid=os.getpid(), umask=0)
+
+    async def check(waits: bool) -> bool:
+        fs = MirrorFS(tmp_path, changes=Sink(waits))
+        try:
+            entry = await fs.lookup(1, b"f", ctx)
+            fi = await fs.open(entry.st_ino, os.O_RDONLY, ctx)
+            try:
+                return fs.needs_flush(fi.fh)
+            finally:
+                await fs.release(fi.fh)
+        finally:
+            fs.close()
+
+    assert (trio.run(check, True), trio.run(check, False)) == (True, False)
+
+
 def test_counters_64mib_cp(pair: Pair, tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(pattern(64 * MiB, seed=8))

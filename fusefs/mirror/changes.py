@@ -206,6 +206,11 @@ class DurableSink(ChangeSink, Protocol):
     async def barrier(self) -> None:
         """Return once every change recorded before this call is durable."""
 
+    @property
+    def barrier_waits(self) -> bool:
+        """False when ``barrier()`` returns at once (asynchronous replication): then a close()
+        through the mount needs no FLUSH round trip on its account."""
+
 
 class NullSink:
     """The sink of a mirror without a target: records nothing (and the mirror skips it)."""

@@ -400,6 +400,7 @@ class MirrorFS(Operations):
         #: Track names and report changes only for a real sink (keeps the null case cheap).
         self._track = changes is not None and not isinstance(changes, NullSink)
         self._barrier = getattr(changes, "barrier", None) if self._track else None
+        self._barrier_waits = bool(getattr(changes, "barrier_waits", True))
         #: Methods that never suspend (plain syscalls, no awaits): our session may run them in
         #: its reader task instead of a task of their own (see fusefs.ops).  With a change
         #: sink, the methods that report changes await the sink and are left out.
@@ -1022,7 +1023,7 @@ class MirrorFS(Operations):
         (``barrier``), or because its backing filesystem acts on close (NFS writes back and
         reports errors there).  Local filesystems do not: the session then opens the file
         with FOPEN_NOFLUSH and close costs no round trip."""
-        if self._barrier is not None:
+        if self._barrier is not None and self._barrier_waits:
             return True
         h = self._handle(fh)
         dev = h.inode.key[0]

@@ -178,6 +178,7 @@ class FanoutSink:
 
     def __init__(self, sinks: Sequence[ReplicationSink]) -> None:
         self.sinks = list(sinks)
+        self.barrier_waits = any(s.barrier_waits for s in self.sinks)
 
     async def record(self, change: Change) -> None:
         for s in self.sinks:

@@ -429,6 +429,8 @@ class ReplicationSink:
         self.backing = os.fspath(backing)
         self.name = name
         self.mode = mode
+        #: Only sync mode makes fsync/close wait (see DurableSink.barrier_waits).
+        self.barrier_waits = mode == "sync"
         self.factory = target
         self.log = ChangeLog(log_dir, max_pending=MAX_QUEUED)
         self.status_path = os.path.join(self.log.dir, "status.json")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -150,3 +151,79 @@ async def test_atime_setattr_waits_only_for_earlier_reads(tmp_path: Path) -> Non
         ours.close()
         kernel.close()
         ops.close()
+
+
+async def test_cached_read_is_spliced_in_the_loop(tmp_path: Path) -> None:
+    """A READ of cached data on a local filesystem is answered from the reader loop itself
+    (spliced: the bytes never enter Python), with the same bytes as the file; a one-page READ
+    is copied (cheaper), and a READ of a bad handle gets its errno."""
+    from fusefs.ops import RequestContext
+    from fusefs.protocol.init import Negotiated
+
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    data = os.urandom(300_000)
+    (backing / "f").write_bytes(data)
+    ops = MirrorFS(backing)
+    ctx = RequestContext(uid=0, gid=0, pid=os.getpid(), umask=0)
+    entry = await ops.lookup(1, b"f", ctx)
+    fi = await ops.open(entry.st_ino, os.O_RDONLY, ctx)
+    # A stream socket: a splice into it may be cut into several packets (/dev/fuse takes
+    # whole messages); requests are sent one at a time, so each read takes exactly one.
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    kernel.setblocking(False)
+    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="splice")
+    session._choose_data_mode(Negotiated(True, 7, 41, 0, 0, 0, 0, 254, 12, 9, 0, 1))
+    assert session.splice_reads
+    spawned: list[Any] = []
+    spawn = session._spawn
+
+    def counting_spawn(nursery: trio.Nursery, fn: Any, *args: Any) -> None:
+        spawned.append(args)
+        spawn(nursery, fn, *args)
+
+    session._spawn = counting_spawn  # type: ignore[method-assign]
+
+    def read(unique: int, off: int, size: int, fh: int = fi.fh) -> bytes:
+        return frame(Opcode.READ, abi.READ_IN.pack(fh, off, size, 0, 0, 0, 0), unique=unique)
+
+    async def recv_exactly(n: int) -> bytes:
+        got = b""
+        with trio.fail_after(10):
+            while len(got) < n:
+                try:
+                    chunk = kernel.recv(n - len(got))
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(kernel.fileno())
+                    continue
+                assert chunk, "the session closed the connection"
+                got += chunk
+        return got
+
+    async def reply() -> tuple[int, int, bytes]:
+        head = await recv_exactly(abi.OUT_HEADER.size)
+        length, error, unique = abi.OUT_HEADER.unpack_from(head)
+        return unique, error, await recv_exactly(length - len(head))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve)
+            kernel.send(read(5, 1000, 200_000))
+            assert await reply() == (5, 0, data[1000:201_000])
+            kernel.send(read(6, 290_000, 65_536))  # short at EOF
+            assert await reply() == (6, 0, data[290_000:])
+            kernel.send(read(7, 4096, 4096))
+            assert await reply() == (7, 0, data[4096:8192])
+            kernel.send(read(8, 0, 100_000, fh=999_999))
+            assert (await reply())[:2] == (8, -errno.EBADF)
+            nursery.cancel_scope.cancel()
+    finally:
+        ours.close()
+        kernel.close()
+        await ops.release(fi.fh)
+        ops.close()
+    c = session.counters
+    assert (c.read_requests_spliced, c.read_bytes_spliced) == (2, 200_000 + 10_000)
+    assert c.read_requests_copied == 1
+    assert session._tasks == 0 and session._reading == {}
+    assert spawned == []  # every READ was answered in the loop

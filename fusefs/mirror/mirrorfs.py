@@ -99,7 +99,7 @@ _STRIP_OPEN = os.O_NOFOLLOW | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 _QUICK_ALWAYS = frozenset(
     {
         "lookup", "forget", "getattr", "readlink", "release", "opendir", "readdir",
-        "releasedir", "statfs", "access", "getxattr", "listxattr",
+        "releasedir", "statfs", "access", "getxattr", "listxattr", "read_range",
     }
 )  # fmt: skip
 _QUICK_UNTRACKED = frozenset(

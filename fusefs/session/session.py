@@ -250,6 +250,8 @@ class Session:
         self._quick_io = min(getattr(ops, "quick_io_max", 0), THREAD_MIN - 1)
         quick = set(getattr(ops, "quick_methods", ()))
         self._quick_forget = "forget" in quick
+        #: read_range never suspends: a spliced READ can be served in the loop, no task.
+        self._quick_range = "read_range" in quick
         self._quick = frozenset(
             op for name in quick for op in _METHOD_OPCODES.get(name, ()) if op not in _INTERRUPTIBLE
         ) | (
@@ -399,6 +401,13 @@ class Session:
                             self._spawn(nursery, self._setattr_after_reads, req)
                         else:
                             if op == abi.Opcode.READ:
+                                if (
+                                    self._quick_range
+                                    and self.splice_reads
+                                    and await self._read_in_loop(req)
+                                ):
+                                    del self._inflight[req.unique]
+                                    continue
                                 self._reading.setdefault(req.nodeid, set()).add(req.unique)
                             if op in self._quick or (
                                 isinstance(req, rq.Read | rq.Write)
@@ -790,6 +799,43 @@ class Session:
         self._inflight[unique] = None
         await self._handle(req)
 
+    async def _read_in_loop(self, req: Any) -> bool:
+        """Serve a READ whose reply can be spliced without blocking right here, without a task
+        of its own; False leaves it to a task (a range that may need the disk, or a splice
+        that failed and needs the copying fallback).  Never suspends."""
+        if req.size <= self.max_copied_read:
+            return False  # one page: pread + write beat the splices (the usual inline path)
+        unique = req.unique
+        try:
+            rng = await self.ops.read_range(req.fh, req.offset, req.size)
+        except FUSEError as e:
+            self._send(rp.reply_error(unique, e.errno))
+            return True
+        except OSError as e:
+            self._send(rp.reply_error(unique, e.errno or errno.EIO))
+            return True
+        big = rng.size >= THREAD_MIN
+        if big and not self._in_loop(rng):
+            return False
+        args = (self._pipes, self.devfd, unique, rng.fd, rng.offset, rng.size)
+        start = time.monotonic_ns()
+        try:
+            n = splice_read_reply(*args)
+        except SpliceShort as short:
+            self.counters.splice_fallbacks += 1
+            self.counters.read_requests_copied += 1
+            self.counters.read_bytes_copied += len(short.data)
+            self._send(rp.reply_data(unique, short.data))
+            return True
+        except OSError as e:
+            return e.errno in (errno.ENOENT, errno.ENODEV)  # interrupted: no answer wanted
+        finally:
+            if big:
+                self._pipes.guard.took(time.monotonic_ns() - start)
+        self.counters.read_requests_spliced += 1
+        self.counters.read_bytes_spliced += n
+        return True
+
     def _in_loop(self, rng: FileRange) -> bool:
         """Whether a big READ reply is spliced in the loop rather than in a worker thread.
 
@@ -801,10 +847,12 @@ class Session:
         if not self._pipes.guard.inline_ok():
             return False
         try:
-            local = _libc.fs_magic(rng.fd) in _libc.LOCAL_FS
+            if _libc.fs_magic(rng.fd) not in _libc.LOCAL_FS:
+                return False
+            size = min(rng.size, os.fstat(rng.fd).st_size - rng.offset)  # no pages past EOF
         except OSError:
             return False
-        return local and _libc.cached(rng.fd, rng.offset, rng.size)
+        return size <= 0 or _libc.cached(rng.fd, rng.offset, size)
 
     async def _read(self, req: Any) -> Reply:
         c = self.counters

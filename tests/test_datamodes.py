@@ -448,20 +448,17 @@ def test_close_sends_no_flush(pair: Pair) -> None:
     assert [len((pair.backing / f"c{i}").read_bytes()) for i in range(20)] == list(range(20))
 
 
-def test_flush_kept_where_close_matters(tmp_path: Path) -> None:
-    """Decided per open file by its own filesystem, since BACKING may hold mount points of
-    others: a file on a local filesystem needs no FLUSH, one on procfs (standing in for NFS,
-    which writes back and reports errors at close) keeps it."""
+def _needs_flush(root: Path | str, name: bytes, changes: Any = None) -> bool:
+    """MirrorFS.needs_flush for a fresh read-only open of ``name`` under ``root``."""
     import trio
 
     from fusefs.mirror.mirrorfs import MirrorFS
     from fusefs.ops import RequestContext
 
-    (tmp_path / "local").write_text("x")
     ctx = RequestContext(uid=0, gid=0, pid=os.getpid(), umask=0)
 
-    async def check(root: Path | str, name: bytes) -> bool:
-        fs = MirrorFS(root)
+    async def check() -> bool:
+        fs = MirrorFS(root, changes=changes)
         try:
             entry = await fs.lookup(1, name, ctx)
             fi = await fs.open(entry.st_ino, os.O_RDONLY, ctx)
@@ -472,18 +469,22 @@ def test_flush_kept_where_close_matters(tmp_path: Path) -> None:
         finally:
             fs.close()
 
-    assert trio.run(check, tmp_path, b"local") is False
-    assert trio.run(check, "/proc/self", b"status") is True
+    return trio.run(check)
+
+
+def test_flush_kept_where_close_matters(tmp_path: Path) -> None:
+    """Decided per open file by its own filesystem, since BACKING may hold mount points of
+    others: a file on a local filesystem needs no FLUSH, one on procfs (standing in for NFS,
+    which writes back and reports errors at close) keeps it."""
+    (tmp_path / "local").write_text("x")
+    assert _needs_flush(tmp_path, b"local") is False
+    assert _needs_flush("/proc/self", b"status") is True
 
 
 def test_flush_kept_only_for_sync_replication(tmp_path: Path) -> None:
     """close() waits for a sync replica (FLUSH kept); an async one never makes it wait, so a
     local file needs no FLUSH for it."""
-    import trio
-
     from fusefs.mirror.changes import Change
-    from fusefs.mirror.mirrorfs import MirrorFS
-    from fusefs.ops import RequestContext
 
     class Sink:
         def __init__(self, waits: bool) -> None:
@@ -496,21 +497,8 @@ def test_flush_kept_only_for_sync_replication(tmp_path: Path) -> None:
             pass
 
     (tmp_path / "f").write_text("x")
-    ctx = RequestContext(uid=0, gid=0, pid=os.getpid(), umask=0)
-
-    async def check(waits: bool) -> bool:
-        fs = MirrorFS(tmp_path, changes=Sink(waits))
-        try:
-            entry = await fs.lookup(1, b"f", ctx)
-            fi = await fs.open(entry.st_ino, os.O_RDONLY, ctx)
-            try:
-                return fs.needs_flush(fi.fh)
-            finally:
-                await fs.release(fi.fh)
-        finally:
-            fs.close()
-
-    assert (trio.run(check, True), trio.run(check, False)) == (True, False)
+    assert _needs_flush(tmp_path, b"f", Sink(True)) is True
+    assert _needs_flush(tmp_path, b"f", Sink(False)) is False
 
 
 def test_counters_64mib_cp(pair: Pair, tmp_path: Path) -> None:

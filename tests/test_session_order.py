@@ -28,13 +28,26 @@ def _read(unique: int) -> bytes:
     return frame(Opcode.READ, abi.READ_IN.pack(1, 0, 4096, 0, 0, 0, 0), unique=unique)
 
 
+def _session_with(
+    tmp_path: Path, read: Any, setattr: Any
+) -> tuple[MirrorFS, socket.socket, socket.socket, Session]:
+    """A copy-mode session over a socketpair whose mirror reads and sets attributes with the
+    given (suspending) functions: (ops, our end, the kernel's end, session)."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    ops = MirrorFS(backing)
+    ops.quick_io_max = 0  # these reads suspend: each must get a task of its own
+    ops.read = read  # type: ignore[method-assign]
+    ops.setattr = setattr  # type: ignore[method-assign]
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.setblocking(False)
+    return ops, ours, kernel, Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="copy")
+
+
 async def test_atime_setattr_waits_for_reads_in_flight(tmp_path: Path) -> None:
     """A SETATTR that sets atime is applied only after the READs in flight on the same node
     have read the backing file (a late readahead READ would otherwise bump the atime just
     set: found by tools/torture, seed 11000104); a SETATTR of the mode is not held back."""
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    ops = MirrorFS(backing)
     order: list[str] = []
     release_read = trio.Event()
 
@@ -48,12 +61,7 @@ async def test_atime_setattr_waits_for_reads_in_flight(tmp_path: Path) -> None:
         order.append("atime set" if fields.update_atime else "mode set")
         return await ops.getattr(inode, ctx)
 
-    ops.quick_io_max = 0  # this read suspends: it must get a task of its own
-    ops.read = read  # type: ignore[method-assign]
-    ops.setattr = setattr  # type: ignore[method-assign]
-    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    kernel.setblocking(False)
-    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="copy")
+    ops, ours, kernel, session = _session_with(tmp_path, read, setattr)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.serve)
@@ -100,9 +108,6 @@ def test_no_passthrough_when_the_filesystem_must_see_io(tmp_path: Path) -> None:
 async def test_atime_setattr_waits_only_for_earlier_reads(tmp_path: Path) -> None:
     """READs that arrive after the SETATTR do not hold it up (a reader that keeps readahead
     going would otherwise delay a `touch` forever), and an INTERRUPT ends the wait with EINTR."""
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    ops = MirrorFS(backing)
     gates = {10: trio.Event(), 12: trio.Event(), 20: trio.Event()}
     current: list[int] = []
 
@@ -114,12 +119,7 @@ async def test_atime_setattr_waits_only_for_earlier_reads(tmp_path: Path) -> Non
     async def setattr(inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
         return await ops.getattr(inode, ctx)
 
-    ops.quick_io_max = 0
-    ops.read = read  # type: ignore[method-assign]
-    ops.setattr = setattr  # type: ignore[method-assign]
-    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    kernel.setblocking(False)
-    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="copy")
+    ops, ours, kernel, session = _session_with(tmp_path, read, setattr)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.serve)

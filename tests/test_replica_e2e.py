@@ -18,8 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import fusefs_env, is_mounted
-from tests.test_replica_helpers import KEY, diff_snapshots, same_tree, snapshot, wait_until_sync
+from tests.mounting import fusefs_env
+from tests.test_replica_helpers import (
+    KEY,
+    MountProcess,
+    diff_snapshots,
+    same_tree,
+    snapshot,
+    wait_until_sync,
+)
 
 pytestmark = [
     pytest.mark.mount,
@@ -75,7 +82,7 @@ class Serve:
                 self.kill9()
 
 
-class Mounted:
+class Mounted(MountProcess):
     def __init__(
         self, tmp: Path, backing: Path, serve: Serve, data: str = "auto", replicate: str = "async"
     ) -> None:
@@ -90,26 +97,7 @@ class Mounted:
             "--key-file", str(serve.key_file), "--replica-log-dir", str(self.log_dir),
             "--replicate", replicate, "--source", "e2e",
         ]  # fmt: skip
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=fusefs_env())
-        deadline = time.monotonic() + 15
-        while not is_mounted(self.mountpoint):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise AssertionError("mount failed:\n" + self.log.read_text())
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False)
-            self.proc.kill()
-            self.proc.wait()
-        if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False)
+        self._start(cmd, fusefs_env())
 
 
 @pytest.fixture

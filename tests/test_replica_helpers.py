@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
+
+from tests.mounting import is_mounted
 
 KEY = b"test-key-0123456789abcdef"
 
@@ -77,3 +80,34 @@ def same_tree(a: Path, b: Path, *, mtimes: bool = True) -> bool:
         return snapshot(a, mtimes=mtimes) == snapshot(b, mtimes=mtimes)
     except OSError:
         return False
+
+
+class MountProcess:
+    """A ``fusefs mount -f`` daemon for the replica tests, always unmounted by ``close()``
+    (``fusermount3 -u``, then ``-uz`` and a kill if it does not exit)."""
+
+    mountpoint: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+    def _start(self, cmd: list[str], env: dict[str, str]) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + 15
+        while not is_mounted(self.mountpoint):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise AssertionError("mount failed:\n" + self.log.read_text())
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False)
+            self.proc.kill()
+            self.proc.wait()
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False)

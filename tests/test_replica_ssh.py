@@ -20,7 +20,13 @@ import pytest
 from fusefs.replica.ssh import parse_ssh_target, ssh_argv
 from tests.mounting import fusefs_env, is_mounted
 from tests.test_replica_e2e import make_tree
-from tests.test_replica_helpers import diff_snapshots, same_tree, snapshot, wait_until_sync
+from tests.test_replica_helpers import (
+    MountProcess,
+    diff_snapshots,
+    same_tree,
+    snapshot,
+    wait_until_sync,
+)
 
 pytestmark = [
     pytest.mark.mount,
@@ -60,7 +66,7 @@ def ssh_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-class SshMount:
+class SshMount(MountProcess):
     """``fusefs mount -f BACKING MNT --target ssh://localhost/REPLICA``; always unmounted."""
 
     def __init__(self, tmp: Path, backing: Path, replica: Path, env: dict[str, str]) -> None:
@@ -72,26 +78,7 @@ class SshMount:
             sys.executable, "-m", "fusefs", "mount", "-f", str(backing), str(self.mountpoint),
             "--target", self.url, "--replica-log-dir", str(tmp / "replog"), "--source", "ssh",
         ]  # fmt: skip
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
-        deadline = time.monotonic() + 15
-        while not is_mounted(self.mountpoint):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise AssertionError("mount failed:\n" + self.log.read_text())
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False)
-            self.proc.kill()
-            self.proc.wait()
-        if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False)
+        self._start(cmd, env)
 
 
 def serve_pids(replica: Path) -> list[int]:

@@ -814,13 +814,10 @@ class Session:
         except OSError as e:
             self._send(rp.reply_error(unique, e.errno or errno.EIO))
             return True
-        big = rng.size >= THREAD_MIN
-        if big and not self._in_loop(rng):
+        if rng.size >= THREAD_MIN and not self._in_loop(rng):
             return False
-        args = (self._pipes, self.devfd, unique, rng.fd, rng.offset, rng.size)
-        start = time.monotonic_ns()
         try:
-            n = splice_read_reply(*args)
+            n = self._splice_here(unique, rng)
         except SpliceShort as short:
             self.counters.splice_fallbacks += 1
             self.counters.read_requests_copied += 1
@@ -829,12 +826,21 @@ class Session:
             return True
         except OSError as e:
             return e.errno in (errno.ENOENT, errno.ENODEV)  # interrupted: no answer wanted
-        finally:
-            if big:
-                self._pipes.guard.took(time.monotonic_ns() - start)
         self.counters.read_requests_spliced += 1
         self.counters.read_bytes_spliced += n
         return True
+
+    def _splice_here(self, unique: int, rng: FileRange) -> int:
+        """Splice a READ reply in the loop's own thread; big moves are timed for the
+        StallGuard, which sends them to worker threads for a while after a slow one."""
+        args = (self._pipes, self.devfd, unique, rng.fd, rng.offset, rng.size)
+        if rng.size < THREAD_MIN:
+            return splice_read_reply(*args)
+        start = time.monotonic_ns()
+        try:
+            return splice_read_reply(*args)
+        finally:
+            self._pipes.guard.took(time.monotonic_ns() - start)
 
     def _in_loop(self, rng: FileRange) -> bool:
         """Whether a big READ reply is spliced in the loop rather than in a worker thread.
@@ -858,17 +864,11 @@ class Session:
         c = self.counters
         if self.splice_reads and req.size > self.max_copied_read:
             rng = await self.ops.read_range(req.fh, req.offset, req.size)
-            args = (self._pipes, self.devfd, req.unique, rng.fd, rng.offset, rng.size)
             try:
-                if rng.size < THREAD_MIN:
-                    n = splice_read_reply(*args)
-                elif self._in_loop(rng):
-                    start = time.monotonic_ns()
-                    try:
-                        n = splice_read_reply(*args)
-                    finally:
-                        self._pipes.guard.took(time.monotonic_ns() - start)
+                if rng.size < THREAD_MIN or self._in_loop(rng):
+                    n = self._splice_here(req.unique, rng)
                 else:
+                    args = (self._pipes, self.devfd, req.unique, rng.fd, rng.offset, rng.size)
                     n = await trio.to_thread.run_sync(splice_read_reply, *args)
             except SpliceShort as short:
                 c.splice_fallbacks += 1

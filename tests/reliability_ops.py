@@ -1241,8 +1241,12 @@ RECORD = struct.Struct("<8sIIQQ")
 RECORD_MAGIC = b"FUSEFSRL"
 
 
+def record_check(writer: int, block: int, seq: int) -> int:
+    return writer * 1_000_003 + block + seq
+
+
 def block_bytes(writer: int, block: int, seq: int, block_size: int) -> bytes:
-    rec = RECORD.pack(RECORD_MAGIC, writer, block, seq, writer * 1_000_003 + block + seq)
+    rec = RECORD.pack(RECORD_MAGIC, writer, block, seq, record_check(writer, block, seq))
     return rec * (block_size // RECORD.size)
 
 
@@ -1250,7 +1254,11 @@ def check_block(data: bytes, block: int, whole: bool) -> str | None:
     """None if ``data`` (a block, or any record-aligned part of one) is sound.
 
     ``whole``: the block must be one write (not torn) and written (not zero).  Otherwise (a
-    read racing with writers) each record only has to be zero or belong to this block.
+    read racing with writers) a record may be torn between two writes or a write and the zeros
+    before it: Linux does not make a buffered read atomic against a buffered write (ext4 and
+    tmpfs tear 32-byte records about once in 5,000 racing 192 KiB preads, docs/reliability.md),
+    so each byte of the fields every write of this block shares (magic, block number) must be
+    zero or that field's byte, and a record that is whole must be this block's.
     """
     zero = bytes(RECORD.size)
     records = {data[i : i + RECORD.size] for i in range(0, len(data), RECORD.size)}
@@ -1259,12 +1267,18 @@ def check_block(data: bytes, block: int, whole: bool) -> str | None:
             return f"block {block} was never written"
         if len(records) != 1:
             return f"block {block} is torn: {len(records)} different records"
+    shared = RECORD_MAGIC + bytes(4) + block.to_bytes(4, "little")  # writer bytes vary
     for rec in records - {zero}:
-        magic, _writer, idx, _seq, _check = RECORD.unpack(rec)
-        if magic != RECORD_MAGIC:
+        magic, writer, idx, seq, check = RECORD.unpack(rec)
+        if magic == RECORD_MAGIC and check == record_check(writer, idx, seq):
+            if idx != block:
+                return f"block {block} holds data written for block {idx}"
+            continue
+        if whole:
             return f"block {block}: garbage record {rec!r}"
-        if idx != block:
-            return f"block {block} holds data written for block {idx}"
+        for i in (*range(8), *range(12, 16)):
+            if rec[i] not in (0, shared[i]):
+                return f"block {block}: garbage record {rec!r}"
     return None
 
 

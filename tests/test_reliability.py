@@ -464,6 +464,24 @@ ITERATIONS = 60
 JOIN_TIMEOUT = 120.0
 
 
+def test_check_block_allows_only_linux_tearing() -> None:
+    """Racing readers may see a record torn between two writes of its block (Linux tears
+    buffered reads against writes natively), never bytes of another block or garbage."""
+    size = 4 * ro.RECORD.size
+    a, b = ro.block_bytes(1, 7, 3, size), ro.block_bytes(2, 7, 9, size)
+    zero = bytes(size)
+    torn = a[:40] + b[40:]  # splits the second record inside its writer field
+    half_zero = zero[:48] + a[48:]  # the zeros before the first write, then data
+    assert ro.check_block(torn, 7, whole=False) is None
+    assert ro.check_block(half_zero, 7, whole=False) is None
+    assert ro.check_block(torn, 7, whole=True) is not None
+    assert ro.check_block(a, 7, whole=True) is None
+    other = ro.block_bytes(1, 8, 3, size)
+    assert ro.check_block(a[:40] + other[40:], 7, whole=False) is not None
+    assert ro.check_block(other, 7, whole=False) is not None
+    assert ro.check_block(a[:33] + b"\xff" + a[34:], 7, whole=False) is not None
+
+
 @pytest.mark.parametrize(("session", "mode"), COMBOS, indirect=["session"])
 def test_concurrent_writers_no_torn_data(
     mount_factory: MountFactory, session: str, mode: str, backing: Path

@@ -40,6 +40,7 @@ __all__ = ["ChangeLog", "LogError", "LogRecord"]
 log = logging.getLogger(__name__)
 
 _REC = struct.Struct(">IIQ")
+_SEQ = struct.Struct(">Q")
 #: Start a new segment once the current one is this large.
 SEGMENT_SIZE = 8 << 20
 _MAX_RECORD = 1 << 20
@@ -186,7 +187,7 @@ class ChangeLog:
         body = encode_change(change)
         with self._mutex:
             seq = self.next_seq
-            crc = zlib.crc32(struct.pack(">Q", seq) + body)
+            crc = zlib.crc32(body, zlib.crc32(_SEQ.pack(seq)))
             rec = _REC.pack(len(body), crc, seq) + body
             if self._size + len(rec) > SEGMENT_SIZE and self._size:
                 self._open_segment(seq)

@@ -468,8 +468,23 @@ def _i64(v: int) -> bytes:
     return struct.pack(">q", v)
 
 
+_WRITE_TAG = _CHANGE_TAGS[Write]
+_WRITE_HEAD = struct.Struct(">BH")
+_WRITE_TAIL = struct.Struct(">QQ")
+
+
 def encode_change(c: Change) -> bytes:
     """The wire (and log) form of one change; raises WireError if a field is out of range."""
+    if type(c) is Write:  # the hot path: one per WRITE request through the mount
+        p, offset, size = c.path, c.offset, c.size
+        if (
+            p
+            and len(p) <= MAX_PATH
+            and b"\x00" not in p
+            and 0 <= offset <= _U64
+            and 0 <= size <= _U64
+        ):
+            return _WRITE_HEAD.pack(_WRITE_TAG, len(p)) + p + _WRITE_TAIL.pack(offset, size)
     tag = _CHANGE_TAGS.get(type(c))
     if tag is None:
         raise WireError(f"not a change: {c!r}")

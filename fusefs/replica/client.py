@@ -979,6 +979,7 @@ class ReplicationSink:
         await self._request_sync(target)
         await self._durable_acks.wait()  # the replica holds the repair
         self.repairing = False
+        self._write_status()  # say so at once (fusefs status, tools/bench wait for it)
         log.info(
             "%s: compared %d objects, %d differed, fixed %d in %.2f s",
             self.name,

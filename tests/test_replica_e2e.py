@@ -181,9 +181,9 @@ def test_everything_through_the_mount_reaches_the_replica(
                     f.write(b"small buffered write")
             with open(mnt / "copy" / "mapped", "w+b") as f:
                 f.truncate(3 * 4096 + 100)
-                with mmap.mmap(f.fileno(), 0) as m:
-                    m[5000:5011] = b"via mmap ok"
-                    m[-3:] = b"end"
+                with mmap.mmap(f.fileno(), 0) as mapping:
+                    mapping[5000:5011] = b"via mmap ok"
+                    mapping[-3:] = b"end"
         os.rename(mnt / "copy" / "d0", mnt / "copy" / "renamed")
         os.rename(mnt / "copy" / "d3" / "sub0" / "f3", mnt / "copy" / "moved")
         os.unlink(mnt / "copy" / "d2" / "sub2" / "f2")

@@ -62,8 +62,9 @@ mount options (-o, comma-separated, repeatable; unknown options are an error):
   writeback_cache        let the kernel buffer writes (FUSE writeback cache)
   data=MODE              how file data moves: {"|".join(DATA_MODES)} (default auto:
                          kernel passthrough where possible, else splice)
-  max_pages=N            largest request in 4 KiB pages, 1..256 (default 255, so a
-                         spliced 1 MiB reply fits one pipe)
+  max_pages=N            largest request in 4 KiB pages, 1..256 (default 256; splice
+                         and auto cap it to what one pipe holds: 254 under the usual
+                         1 MiB fs.pipe-max-size, 256 with 2 MiB pipes)
   read_ahead_kb=N        read-ahead of the mount in KiB (default 1016: one whole
                          READ of 254 pages per window, not 254 + a 2-page straggler)
   max_background=N       background requests the kernel keeps in flight

@@ -98,8 +98,9 @@ class MountOptions:
     writeback_cache: bool = False
     #: How READ data moves: passthrough (kernel reads the backing file), splice, copy, or auto.
     data: DataMode = "auto"
-    #: Largest request/reply in pages; 255 keeps a spliced 1 MiB reply inside one pipe.
-    max_pages: int = 255
+    #: Largest request/reply in pages.  Splicing modes cap it to what one pipe holds (254 with
+    #: the usual 1 MiB pipe limit, 256 when the daemon may make 2 MiB pipes).
+    max_pages: int = 256
     #: Read-ahead of the mount's backing device info, in KiB.  A multiple of the largest READ
     #: (254 pages with splice): 1024 KiB made every window one full READ plus a 1- or 2-page one.
     read_ahead_kb: int = 1016

@@ -584,6 +584,61 @@ def test_splice_fallback_append_only_backing_file(mount_factory: Any, tmp_path: 
     assert d["splice_fallbacks"] == 0 and d["write_bytes_spliced"] == len(chunks[0]), d
 
 
+@contextlib.contextmanager
+def pipe_limit(size: int) -> Iterator[None]:
+    """``fs.pipe-max-size`` set to ``size`` for the block, where this machine lets root set it
+    (where it does not, the block runs under the machine's own limit)."""
+    knob = Path("/proc/sys/fs/pipe-max-size")
+    try:
+        old = knob.read_text()
+        knob.write_text(str(size))
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        knob.write_text(old)
+
+
+@pytest.mark.parametrize("limit", [1 << 20, 2 << 20], ids=["1MiB-pipes", "2MiB-pipes"])
+def test_request_size_follows_the_pipe(mount_factory: Any, tmp_path: Path, limit: int) -> None:
+    """A spliced message must fit one pipe whole: under 1 MiB pipes a 1 MiB write arrives as
+    two WRITEs (254 pages, then the rest), with 2 MiB pipes (a raised fs.pipe-max-size, or
+    CAP_SYS_RESOURCE) as one.  Either way every byte is spliced and reads back the same, also
+    after the limit went back down under the running daemon (its new pipes can no longer be
+    that big: what cannot be spliced is copied)."""
+    from fusefs.session.datapath import splice_pipe_size, spliceable_pages
+
+    with pipe_limit(limit):
+        pages = spliceable_pages(splice_pipe_size())  # what the daemon, also root, will get
+        mount: Mount = mount_factory(options=["data=splice"])
+    mnt = mount.mountpoint
+    data = pattern(8 * MiB, seed=41)
+    before = stats(mnt)
+    fd = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for off in range(0, len(data), MiB):
+            os.write(fd, data[off : off + MiB])
+        after_aligned = stats(mnt)
+        os.pwrite(fd, data[:MiB], 8 * MiB + 100)  # unaligned: spans 257 pages
+    finally:
+        os.close(fd)
+    d = delta(before, after_aligned)
+    writes = after_aligned["requests"]["WRITE"] - before["requests"].get("WRITE", 0)
+    assert writes == (8 if pages >= 256 else 16), (pages, writes)
+    assert d["write_bytes_copied"] == 0 and d["splice_fallbacks"] == 0, d
+    assert d["write_bytes_spliced"] == 8 * MiB, d
+    d = delta(after_aligned, stats(mnt))
+    # the kernel sends the partial first page alone (it cannot mark it up to date): copied
+    assert d["write_bytes_copied"] + d["write_bytes_spliced"] == MiB, d
+    assert d["write_bytes_copied"] < 4096, d
+    want = data + bytes(100) + data[:MiB]
+    evict(mnt / "f")
+    assert read_all(mnt / "f") == want
+    assert (mount.backing / "f").read_bytes() == want
+
+
 def test_mode_is_reported(pair: Pair) -> None:
     s = pair.stats()
     assert s["data_mode"] == pair.mode

@@ -25,8 +25,8 @@ def test_defaults() -> None:
     assert opts == MountOptions()
     assert opts.attr_timeout == 1.0 and opts.entry_timeout == 1.0
     assert opts.data == "auto"
-    assert opts.max_pages == 255
-    assert opts.max_read == 255 * 4096
+    assert opts.max_pages == 256
+    assert opts.max_read == 256 * 4096
     assert opts.read_ahead_kb == 1016
     assert opts.max_background is None
     assert opts.idle_spin_us == 50
@@ -168,7 +168,7 @@ def test_mount_flags() -> None:
 
 def test_kernel_mount_data() -> None:
     data = MountOptions().kernel_mount_data(5, stat.S_IFDIR, 1000, 100)
-    assert data == "fd=5,rootmode=40000,user_id=1000,group_id=100,max_read=1044480"
+    assert data == "fd=5,rootmode=40000,user_id=1000,group_id=100,max_read=1048576"
     data = MountOptions(allow_other=True, default_permissions=True, max_pages=1).kernel_mount_data(
         3, stat.S_IFDIR, 0, 0
     )
@@ -184,13 +184,13 @@ def test_kernel_mount_data() -> None:
 
 def test_fusermount_options() -> None:
     assert MountOptions(fsname="/srv/data").fusermount_options() == (
-        "rw,nosuid,nodev,fsname=/srv/data,subtype=fusefs,max_read=1044480"
+        "rw,nosuid,nodev,fsname=/srv/data,subtype=fusefs,max_read=1048576"
     )
     text = MountOptions(
         ro=True, noexec=True, allow_other=True, default_permissions=True, fsname="a,b", subtype=""
     ).fusermount_options()
     assert text == (
-        r"ro,nosuid,nodev,noexec,fsname=a\,b,allow_other,default_permissions,max_read=1044480"
+        r"ro,nosuid,nodev,noexec,fsname=a\,b,allow_other,default_permissions,max_read=1048576"
     )
     assert MountOptions().source == "fusefs"
     assert MountOptions(subtype="").fstype == "fuse"

@@ -4,8 +4,10 @@ The mirror says *what* answers a READ (a :class:`~fusefs.ops.FileRange`); this m
 *how* the bytes travel.  A spliced READ reply is built in a pipe: the 16-byte reply header is
 written, the data is spliced from the backing file behind it, and the whole message is spliced
 into the device in one call (the device wants a complete message per write).  The pipe holds at
-most ``pipe-max-size`` bytes and the header takes a slot of its own, which is why the session
-negotiates at most 255 pages per request.
+most ``pipe-max-size`` bytes (1 MiB unless an administrator raised it; a daemon with
+CAP_SYS_RESOURCE may exceed it) and the header takes a slot of its own, so the session
+negotiates at most what one pipe holds: 254 pages per request with 1 MiB pipes (a spliced
+unaligned WRITE takes one more page slot than its size), the kernel's 256 with 2 MiB ones.
 
 Passthrough needs nothing per request: at OPEN the backing fd is registered with the device
 (``FUSE_DEV_IOC_BACKING_OPEN``) and the kernel serves reads and writes itself.
@@ -49,6 +51,31 @@ def pipe_max_size() -> int:
         return 1 << 20
 
 
+#: A pipe this big holds a whole 256-page request or reply, header and an unaligned
+#: payload's extra page included: 1 MiB writes then come as one WRITE instead of two.
+WIDE_PIPE = 2 << 20
+
+
+def splice_pipe_size() -> int:
+    """The pipe size for spliced messages: 2 MiB when this process may make such pipes (root
+    with CAP_SYS_RESOURCE, or ``fs.pipe-max-size`` raised), else the system's limit."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, F_SETPIPE_SZ, WIDE_PIPE)
+        return WIDE_PIPE
+    except OSError:
+        return min(pipe_max_size(), WIDE_PIPE)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def spliceable_pages(pipe_size: int) -> int:
+    """Largest request in pages whose spliced form fits a pipe of ``pipe_size`` bytes: one
+    slot for the header, one for the page an unaligned payload spills into."""
+    return max(1, min(pipe_size // 4096 - 2, 256))
+
+
 class StallGuard:
     """Decides whether a big spliced WRITE runs in the loop or in a worker thread.
 
@@ -85,6 +112,8 @@ class PipePool:
         self._all: set[tuple[int, int]] = set()
 
     def get(self) -> tuple[int, int]:
+        """A free pipe of ``size`` bytes; OSError when no such pipe can be made any more (an
+        administrator lowered ``fs.pipe-max-size`` since): callers then copy instead."""
         try:
             return self._free.pop()  # atomic under the GIL: worker threads splice too
         except IndexError:
@@ -312,7 +341,10 @@ def splice_request(
     :class:`PipePayload` holding its data (then the bytes are only header + write_in).  Raises
     BlockingIOError when no request is waiting.
     """
-    pair = pool.get()
+    try:
+        pair = pool.get()
+    except OSError:  # no pipe can hold our requests now: this one is copied
+        return os.read(devfd, bufsize), None
     r, w = pair
     try:
         n = os.splice(devfd, w, bufsize)

@@ -47,9 +47,10 @@ from fusefs.session.datapath import (
     SpliceShort,
     backing_close,
     backing_open,
-    pipe_max_size,
+    splice_pipe_size,
     splice_read_reply,
     splice_request,
+    spliceable_pages,
 )
 from fusefs.session.mount import set_read_ahead
 
@@ -193,7 +194,7 @@ class Session:
         *,
         data: str = "auto",
         writeback_cache: bool = False,
-        max_pages: int = 255,
+        max_pages: int = 256,
         max_background: int = 64,
         read_ahead_kb: int = 1016,
         idle_spin_us: int = 50,
@@ -224,7 +225,7 @@ class Session:
         self.splice_reads = False
         self.passthrough = False
         self.splice_writes = False
-        self._pipes = PipePool(pipe_max_size())
+        self._pipes = PipePool(splice_pipe_size())
         try:
             params = inspect.signature(ops.setxattr).parameters
             self._setxattr_takes_flags = "flags" in params
@@ -530,9 +531,12 @@ class Session:
             # The kernel then trusts us to clear setuid/setgid on writes (flag per request)
             # instead of asking for security.capability before every single WRITE.
             want_handle_killpriv_v2=True,
-            # A spliced WRITE takes the header's pipe slot plus up to one more page than its
-            # size when unaligned: keep it within a 256-slot pipe.
-            max_pages=min(self.max_pages, 254) if self.data_wanted != "copy" else self.max_pages,
+            # A spliced message must fit one pipe whole (datapath.spliceable_pages).
+            max_pages=(
+                min(self.max_pages, spliceable_pages(self._pipes.size))
+                if self.data_wanted != "copy"
+                else self.max_pages
+            ),
             max_background=self.max_background,
         )
         try:
@@ -1091,7 +1095,7 @@ def run_session(
         mountpoint,
         data=getattr(opts, "data", "auto"),
         writeback_cache=getattr(opts, "writeback_cache", False),
-        max_pages=getattr(opts, "max_pages", 255),
+        max_pages=getattr(opts, "max_pages", 256),
         max_background=getattr(opts, "max_background", 64) or 64,
         read_ahead_kb=getattr(opts, "read_ahead_kb", 1016),
         idle_spin_us=getattr(opts, "idle_spin_us", 50),

@@ -639,6 +639,27 @@ def test_request_size_follows_the_pipe(mount_factory: Any, tmp_path: Path, limit
     assert (mount.backing / "f").read_bytes() == want
 
 
+def test_seek_data_hole_see_dirty_writeback_pages(mount_factory: Any) -> None:
+    """Under -o writeback_cache a write may still be dirty in the kernel when SEEK_DATA or
+    SEEK_HOLE comes, and the kernel does not flush before asking: answered from the backing
+    file they skipped the new data (ENXIO past the old end).  Found by tools/torture -o
+    writeback_cache; the kernel now answers them itself (we say ENOSYS)."""
+    mount: Mount = mount_factory(options=["writeback_cache"])
+    fd = os.open(mount.mountpoint / "f", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, b"x" * 8192, MiB)
+        data = os.lseek(fd, 0, os.SEEK_DATA)
+        assert data <= MiB and os.pread(fd, MiB - data, data) == bytes(MiB - data)
+        hole = os.lseek(fd, MiB, os.SEEK_HOLE)
+        assert hole == MiB + 8192
+        assert os.lseek(fd, MiB + 100, os.SEEK_DATA) == MiB + 100
+        with pytest.raises(OSError) as e:
+            os.lseek(fd, MiB + 8192, os.SEEK_DATA)
+        assert e.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+
+
 def test_mode_is_reported(pair: Pair) -> None:
     s = pair.stats()
     assert s["data_mode"] == pair.mode

@@ -1062,7 +1062,11 @@ class Session:
 
     async def _lseek(self, req: Any) -> Reply:
         fn = getattr(self.ops, "lseek", None)
-        if fn is None:
+        if fn is None or (self.negotiated is not None and self.negotiated.writeback_cache):
+            # Under the writeback cache written data may still be dirty in the kernel, where
+            # the backing file cannot show it (the kernel does not flush before LSEEK): with
+            # ENOSYS the kernel answers SEEK_DATA/SEEK_HOLE itself, from its own size, with no
+            # holes, which is never wrong.
             raise FUSEError(errno.ENOSYS)
         off = await fn(req.fh, req.offset, req.whence)
         return rp.reply_lseek(req.unique, off)

@@ -208,6 +208,20 @@ def test_random_equivalence(
     """Seeded random operation sequences give the same results on the mount as on a plain
     directory, and leave the same trees (through the mount and in the backing directory)."""
     mount = ro.mount_mode(mount_factory, session, mode)
+    _random_runs(mount, session, mode, plain, backing)
+
+
+@pytest.mark.parametrize("mode", ["copy", "splice"])
+def test_random_equivalence_writeback_cache(
+    mount_factory: MountFactory, mode: str, plain: Path, backing: Path
+) -> None:
+    """The same under -o writeback_cache, where the kernel holds written data and sizes for a
+    while before the daemon sees them (passthrough does not combine with it)."""
+    mount = ro.mount_mode(mount_factory, "fusefs", mode, options=("writeback_cache",))
+    _random_runs(mount, "fusefs", mode, plain, backing)
+
+
+def _random_runs(mount: Any, session: str, mode: str, plain: Path, backing: Path) -> None:
     avoid = ro.avoid_for(session, mode)
     with watchdog(mount) as dog:
         for seed in SEEDS:

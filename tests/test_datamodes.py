@@ -660,6 +660,23 @@ def test_seek_data_hole_see_dirty_writeback_pages(mount_factory: Any) -> None:
         os.close(fd)
 
 
+def test_cp_writes_in_whole_requests(mount_factory: Any, tmp_path: Path) -> None:
+    """Regular files report the largest request as st_blksize, so cp (which sizes its buffer
+    by it) writes 1 MiB at a time: at most two WRITEs per MiB, not the eight its default
+    128 KiB buffer made; directories keep the backing filesystem's value."""
+    mount: Mount = mount_factory(options=["data=splice"])
+    mnt = mount.mountpoint
+    src = tmp_path / "src"
+    src.write_bytes(pattern(8 * MiB, seed=42))
+    before = stats(mnt)
+    subprocess.run(["cp", str(src), str(mnt / "dst")], check=True)
+    writes = stats(mnt)["requests"]["WRITE"] - before["requests"].get("WRITE", 0)
+    assert writes <= 16, writes
+    assert (mount.backing / "dst").read_bytes() == src.read_bytes()
+    assert os.stat(mnt / "dst").st_blksize == MiB
+    assert os.stat(mnt).st_blksize == os.stat(mount.backing).st_blksize
+
+
 def test_mode_is_reported(pair: Pair) -> None:
     s = pair.stats()
     assert s["data_mode"] == pair.mode

@@ -28,6 +28,7 @@ from fusefs.ops import Payload
 from fusefs.protocol.abi import (
     FUSE_DEV_IOC_BACKING_CLOSE,
     FUSE_DEV_IOC_BACKING_OPEN,
+    FUSE_MAX_MAX_PAGES,
 )
 
 F_SETPIPE_SZ = 1031
@@ -73,7 +74,7 @@ def splice_pipe_size() -> int:
 def spliceable_pages(pipe_size: int) -> int:
     """Largest request in pages whose spliced form fits a pipe of ``pipe_size`` bytes: one
     slot for the header, one for the page an unaligned payload spills into."""
-    return max(1, min(pipe_size // 4096 - 2, 256))
+    return max(1, min(pipe_size // PAGE_SIZE - 2, FUSE_MAX_MAX_PAGES))
 
 
 class StallGuard:

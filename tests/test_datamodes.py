@@ -616,6 +616,7 @@ def test_request_size_follows_the_pipe(mount_factory: Any, tmp_path: Path, limit
     mnt = mount.mountpoint
     data = pattern(8 * MiB, seed=41)
     before = stats(mnt)
+    assert before["max_pages"] == pages, before
     fd = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for off in range(0, len(data), MiB):

@@ -35,6 +35,8 @@ class Counters:
     requests: Counter[str] = field(default_factory=Counter)
     data_mode: str = "copy"
     data_mode_reason: str = ""
+    #: Pages per request agreed at INIT: 254 or 256 in splice modes, by the pipe size.
+    max_pages: int = 0
 
     @property
     def bytes_spliced(self) -> int:
@@ -52,6 +54,7 @@ class Counters:
             "bytes_spliced": self.bytes_spliced,
             "bytes_copied": self.bytes_copied,
             "passthrough_opens": self.passthrough_opens,
+            "max_pages": self.max_pages,
         }
         for name in (
             "read_requests_spliced",

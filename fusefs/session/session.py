@@ -555,6 +555,7 @@ class Session:
             self._send(rp.reply_error(req.unique, errno.EPROTO))
             return
         self.negotiated = neg
+        self.counters.max_pages = neg.max_pages
         self._choose_data_mode(neg)
         init = getattr(self.ops, "init", None)
         if init is not None:

@@ -568,3 +568,43 @@ def test_log_reads_back_in_order_across_segments(
     assert reopened.more_from == 36 and reopened.pending_count == 20
     assert reopened.pending_bytes == sum(range(31, 51))
     reopened.close()
+
+
+def test_verify_asks_again_when_the_server_drops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """verify connects as the mount's source, so a mount reconnecting meanwhile takes the
+    source back and the server closes verify's connection (seen once in a full suite run):
+    verify, read-only, asks again instead of failing."""
+    import argparse
+
+    from fusefs.replica import cli
+    from fusefs.replica.target import TargetClosed
+
+    calls: list[int] = []
+
+    async def flaky_verify(backing: str, factory: object) -> list[str]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise TargetClosed("127.0.0.1:1: the server closed the connection")
+        return []
+
+    monkeypatch.setattr(cli, "_verify", flaky_verify)
+    monkeypatch.setattr(cli, "_connect", lambda args: None)
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    args = argparse.Namespace(backing=str(tmp_path))
+    assert cli.cmd_verify(args) == 0
+    assert len(calls) == 2
+    out = capsys.readouterr()
+    assert "identical" in out.out and "verifying again" in out.err
+
+    calls.clear()
+
+    async def always_closed(backing: str, factory: object) -> list[str]:
+        calls.append(1)
+        raise TargetClosed("gone")
+
+    monkeypatch.setattr(cli, "_verify", always_closed)
+    with pytest.raises(TargetClosed):
+        cli.cmd_verify(args)
+    assert len(calls) == cli.VERIFY_TRIES

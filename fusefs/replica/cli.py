@@ -43,7 +43,7 @@ from fusefs.replica.ssh import (
     open_ssh_target,
     parse_ssh_target,
 )
-from fusefs.replica.target import Target, TargetError, TargetFactory
+from fusefs.replica.target import Target, TargetClosed, TargetError, TargetFactory
 from fusefs.replica.tree import checksum_fd, differences, walk
 
 __all__ = [
@@ -399,7 +399,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not os.path.isdir(backing):
         raise ReplicaUsageError(f"{backing} is not a directory")
     factory = _connect(args)
-    problems = _run(lambda: _verify(backing, factory))
+    for attempt in range(VERIFY_TRIES):
+        try:
+            problems = _run(lambda: _verify(backing, factory))
+            break
+        except TargetClosed as e:  # read-only and idempotent: ask again
+            if attempt == VERIFY_TRIES - 1:
+                raise
+            print(f"fusefs: {e}; verifying again", file=sys.stderr)
+            time.sleep(0.5 * 2**attempt)
     for line in problems:
         print(line)
     if problems:
@@ -409,12 +417,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+#: verify connects as the mount's source; a mount reconnecting meanwhile takes the source back
+#: and the server drops verify's connection, so verify tries this many times
+VERIFY_TRIES = 4
+
+
 def _run(fn: Any) -> Any:
     try:
         return trio.run(fn)
     except TargetError:
         raise
     except BaseExceptionGroup as e:
+        if e.subgroup(TargetClosed) is not None:
+            raise TargetClosed(describe_error(e)) from None
         raise TargetError(describe_error(e)) from None
 
 

@@ -52,7 +52,7 @@ from fusefs.mirror.changes import (
 )
 from fusefs.replica import wire as w
 from fusefs.replica.log import ChangeLog
-from fusefs.replica.target import Target, TargetError, TargetFactory
+from fusefs.replica.target import Target, TargetClosed, TargetError, TargetFactory
 from fusefs.replica.transport import FdTransport, TransportClosed, tune_socket
 from fusefs.replica.tree import Difference, block_size_for, checksum_fd, differences, walk
 
@@ -234,7 +234,7 @@ class WireTarget(Target):
                     continue
                 data = await self.t.recv()
                 if not data:
-                    raise TargetError(f"{self.name}: the server closed the connection")
+                    raise TargetClosed(f"{self.name}: the server closed the connection")
                 self.conn.receive_data(data)
             elif isinstance(ev, w.Ack):
                 self._acks_in.send_nowait(ev)

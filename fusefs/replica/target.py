@@ -33,6 +33,7 @@ from fusefs.replica.wire import Ack, Entry
 __all__ = [
     "LocalTarget",
     "Target",
+    "TargetClosed",
     "TargetError",
     "TargetFactory",
     "open_local_target",
@@ -41,6 +42,11 @@ __all__ = [
 
 class TargetError(FusefsError):
     """The replication target cannot be reached, refused us, or broke the connection."""
+
+
+class TargetClosed(TargetError):
+    """The server closed a working connection: it went away, or another connection with the
+    same source name took over (a mount reconnecting while `verify` ran)."""
 
 
 class Target(abc.ABC):

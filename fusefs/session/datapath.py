@@ -169,16 +169,19 @@ def _drain(r: int, limit: int) -> bytes:
 
 
 def splice_read_reply(
-    pool: PipePool, devfd: int, unique: int, fd: int, offset: int, size: int
-) -> int:
+    pool: PipePool, devfd: int, unique: int, fd: int, offset: int, size: int,
+    st_size: int | None = None,
+) -> int:  # fmt: skip
     """Send a READ reply whose data is spliced from ``fd``; return the data length sent.
 
-    The length is fixed before splicing (from fstat), as the header must come first.  If the
-    file shrank under us and fewer bytes arrive, the caller gets :class:`SpliceShort` with the
-    bytes that did (the file's new end) and answers with them; an OSError (BlockingIOError
-    when the reply does not fit the pipe) means nothing was sent: the caller copies instead.
+    The length is fixed before splicing (from fstat, or the ``st_size`` the caller has just
+    read), as the header must come first.  If the file shrank under us and fewer bytes arrive,
+    the caller gets :class:`SpliceShort` with the bytes that did (the file's new end) and
+    answers with them; an OSError (BlockingIOError when the reply does not fit the pipe) means
+    nothing was sent: the caller copies instead.
     """
-    st_size = os.fstat(fd).st_size
+    if st_size is None:
+        st_size = os.fstat(fd).st_size
     n = max(0, min(size, st_size - offset))
     pair = pool.get()
     r, w = pair

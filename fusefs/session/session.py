@@ -235,6 +235,8 @@ class Session:
         self.passthrough = False
         self.splice_writes = False
         self._pipes = PipePool(splice_pipe_size())
+        #: st_dev -> whether that filesystem is a local one (the in-loop READ path asks)
+        self._local_dev: dict[int, bool] = {}
         try:
             params = inspect.signature(ops.setxattr).parameters
             self._setxattr_takes_flags = "flags" in params
@@ -828,10 +830,13 @@ class Session:
         except OSError as e:
             self._send(rp.reply_error(unique, e.errno or errno.EIO))
             return True
-        if rng.size >= THREAD_MIN and not self._in_loop(rng):
-            return False
+        st_size = None
+        if rng.size >= THREAD_MIN:
+            st_size = self._in_loop(rng)
+            if st_size is None:
+                return False
         try:
-            n = self._splice_here(unique, rng)
+            n = self._splice_here(unique, rng, st_size)
         except SpliceShort as short:
             self.counters.splice_fallbacks += 1
             self.counters.read_requests_copied += 1
@@ -844,10 +849,10 @@ class Session:
         self.counters.read_bytes_spliced += n
         return True
 
-    def _splice_here(self, unique: int, rng: FileRange) -> int:
+    def _splice_here(self, unique: int, rng: FileRange, st_size: int | None = None) -> int:
         """Splice a READ reply in the loop's own thread; big moves are timed for the
         StallGuard, which sends them to worker threads for a while after a slow one."""
-        args = (self._pipes, self.devfd, unique, rng.fd, rng.offset, rng.size)
+        args = (self._pipes, self.devfd, unique, rng.fd, rng.offset, rng.size, st_size)
         if rng.size < THREAD_MIN:
             return splice_read_reply(*args)
         start = time.monotonic_ns()
@@ -856,8 +861,9 @@ class Session:
         finally:
             self._pipes.guard.took(time.monotonic_ns() - start)
 
-    def _in_loop(self, rng: FileRange) -> bool:
-        """Whether a big READ reply is spliced in the loop rather than in a worker thread.
+    def _in_loop(self, rng: FileRange) -> int | None:
+        """The backing file's size if a big READ reply is spliced in the loop rather than in
+        a worker thread (the splice then needs no fstat of its own), else None.
 
         A thread hop costs more CPU than splicing a MiB already in the page cache of a local
         filesystem; a range that may need the disk or the network (NFS revalidates) goes to a
@@ -865,22 +871,29 @@ class Session:
         cachestat counts may still be under read I/O).
         """
         if not self._pipes.guard.inline_ok():
-            return False
+            return None
         try:
-            if _libc.fs_magic(rng.fd) not in _libc.LOCAL_FS:
-                return False
-            size = min(rng.size, os.fstat(rng.fd).st_size - rng.offset)  # no pages past EOF
+            st = os.fstat(rng.fd)
+            local = self._local_dev.get(st.st_dev)
+            if local is None:  # one statfs per filesystem, not per READ
+                local = self._local_dev[st.st_dev] = _libc.fs_magic(rng.fd) in _libc.LOCAL_FS
         except OSError:
-            return False
-        return size <= 0 or _libc.cached(rng.fd, rng.offset, size)
+            return None
+        if not local:
+            return None
+        size = min(rng.size, st.st_size - rng.offset)  # no pages past EOF
+        if size <= 0 or _libc.cached(rng.fd, rng.offset, size):
+            return st.st_size
+        return None
 
     async def _read(self, req: Any) -> Reply:
         c = self.counters
         if self.splice_reads and req.size > self.max_copied_read:
             rng = await self.ops.read_range(req.fh, req.offset, req.size)
             try:
-                if rng.size < THREAD_MIN or self._in_loop(rng):
-                    n = self._splice_here(req.unique, rng)
+                st_size = None if rng.size < THREAD_MIN else self._in_loop(rng)
+                if rng.size < THREAD_MIN or st_size is not None:
+                    n = self._splice_here(req.unique, rng, st_size)
                 else:
                     args = (self._pipes, self.devfd, req.unique, rng.fd, rng.offset, rng.size)
                     n = await trio.to_thread.run_sync(splice_read_reply, *args)

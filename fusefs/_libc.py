@@ -15,6 +15,7 @@ from collections.abc import Iterator
 __all__ = [
     "AT_EMPTY_PATH",
     "AT_SYMLINK_NOFOLLOW",
+    "LOCAL_FS",
     "UTIME_NOW",
     "UTIME_OMIT",
     "cached",
@@ -23,6 +24,7 @@ __all__ = [
     "fchown_empty",
     "fs_magic",
     "name_to_handle",
+    "on_local_fs",
     "open_by_handle",
     "renameat2",
     "syncfs",
@@ -88,6 +90,22 @@ def fs_magic(fd: int) -> int:
     buf = ctypes.create_string_buffer(256)  # struct statfs: f_type (a word) comes first
     _check(_fstatfs(fd, buf))
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+_local_devs: dict[int, bool] = {}
+
+
+def on_local_fs(fd: int, dev: int) -> bool:
+    """Whether ``fd`` (on device ``dev``, its st_dev) lives on a LOCAL_FS filesystem; one
+    statfs per device, remembered.  False when that cannot be told."""
+    local = _local_devs.get(dev)
+    if local is None:
+        try:
+            local = fs_magic(fd) in LOCAL_FS
+        except OSError:
+            return False
+        _local_devs[dev] = local
+    return local
 
 
 _syscall = _libc.syscall

@@ -156,7 +156,9 @@ async def test_atime_setattr_waits_only_for_earlier_reads(tmp_path: Path) -> Non
 async def test_cached_read_is_spliced_in_the_loop(tmp_path: Path) -> None:
     """A READ of cached data on a local filesystem is answered from the reader loop itself
     (spliced: the bytes never enter Python), with the same bytes as the file; a one-page READ
-    is copied (cheaper), and a READ of a bad handle gets its errno."""
+    is copied (cheaper), and a READ of a bad handle gets its errno.  A READ of data not in
+    the page cache goes to a task (a worker thread), which uses the range the loop already
+    asked the filesystem for."""
     from fusefs.ops import RequestContext
     from fusefs.protocol.init import Negotiated
 
@@ -183,6 +185,14 @@ async def test_cached_read_is_spliced_in_the_loop(tmp_path: Path) -> None:
         spawn(nursery, fn, *args)
 
     session._spawn = counting_spawn  # type: ignore[method-assign]
+    ranges: list[int] = []
+    read_range = ops.read_range
+
+    async def counting_read_range(fh: int, off: int, size: int) -> Any:
+        ranges.append(off)
+        return await read_range(fh, off, size)
+
+    ops.read_range = counting_read_range  # type: ignore[method-assign]
 
     def read(unique: int, off: int, size: int, fh: int = fi.fh) -> bytes:
         return frame(Opcode.READ, abi.READ_IN.pack(fh, off, size, 0, 0, 0, 0), unique=unique)
@@ -216,6 +226,16 @@ async def test_cached_read_is_spliced_in_the_loop(tmp_path: Path) -> None:
             assert await reply() == (7, 0, data[4096:8192])
             kernel.send(read(8, 0, 100_000, fh=999_999))
             assert (await reply())[:2] == (8, -errno.EBADF)
+            in_loop = list(spawned)
+            fd = os.open(backing / "f", os.O_RDONLY)
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+            del ranges[:]
+            kernel.send(read(9, 0, 131_072))
+            assert await reply() == (9, 0, data[:131_072])
+            assert ranges == [0]  # asked once, by the loop; the task reused it
+            assert len(spawned) == 1
             nursery.cancel_scope.cancel()
     finally:
         ours.close()
@@ -223,7 +243,7 @@ async def test_cached_read_is_spliced_in_the_loop(tmp_path: Path) -> None:
         await ops.release(fi.fh)
         ops.close()
     c = session.counters
-    assert (c.read_requests_spliced, c.read_bytes_spliced) == (2, 200_000 + 10_000)
+    assert (c.read_requests_spliced, c.read_bytes_spliced) == (3, 200_000 + 10_000 + 131_072)
     assert c.read_requests_copied == 1
-    assert session._tasks == 0 and session._reading == {}
-    assert spawned == []  # every READ was answered in the loop
+    assert session._tasks == 0 and session._reading == {} and session._cold == {}
+    assert in_loop == []  # every READ of cached data was answered in the loop

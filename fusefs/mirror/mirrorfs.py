@@ -410,9 +410,6 @@ class MirrorFS(Operations):
         self.passthrough_allowed = not self._track
         #: read/write up to this size are plain syscalls (larger ones go to a worker thread).
         self.quick_io_max = 0 if self._track else _INLINE_IO
-        #: st_dev -> whether close() on that backing filesystem may do something a caller
-        #: sees (see needs_flush); BACKING may hold other filesystems' mount points.
-        self._close_matters: dict[int, bool] = {}
         self._is_root = os.geteuid() == 0
         self._dev = st.st_dev
         self._next_id = _COUNTER_BASE
@@ -1026,15 +1023,7 @@ class MirrorFS(Operations):
         if self._barrier is not None and self._barrier_waits:
             return True
         h = self._handle(fh)
-        dev = h.inode.key[0]
-        matters = self._close_matters.get(dev)
-        if matters is None:
-            try:
-                matters = _libc.fs_magic(h.fd) not in _libc.LOCAL_FS
-            except OSError:
-                matters = True
-            self._close_matters[dev] = matters
-        return matters
+        return not _libc.on_local_fs(h.fd, h.inode.key[0])
 
     def passthrough_fd(self, fh: int) -> int | None:
         """The backing fd the kernel may serve this open file's I/O from, or None.

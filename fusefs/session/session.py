@@ -235,8 +235,8 @@ class Session:
         self.passthrough = False
         self.splice_writes = False
         self._pipes = PipePool(splice_pipe_size())
-        #: st_dev -> whether that filesystem is a local one (the in-loop READ path asks)
-        self._local_dev: dict[int, bool] = {}
+        #: READ ranges the loop looked at and left to a task (not cached): unique -> range
+        self._cold: dict[int, FileRange] = {}
         try:
             params = inspect.signature(ops.setxattr).parameters
             self._setxattr_takes_flags = "flags" in params
@@ -834,6 +834,7 @@ class Session:
         if rng.size >= THREAD_MIN:
             st_size = self._in_loop(rng)
             if st_size is None:
+                self._cold[unique] = rng  # the task splices it in a thread, no second look
                 return False
         try:
             n = self._splice_here(unique, rng, st_size)
@@ -874,12 +875,9 @@ class Session:
             return None
         try:
             st = os.fstat(rng.fd)
-            local = self._local_dev.get(st.st_dev)
-            if local is None:  # one statfs per filesystem, not per READ
-                local = self._local_dev[st.st_dev] = _libc.fs_magic(rng.fd) in _libc.LOCAL_FS
         except OSError:
             return None
-        if not local:
+        if not _libc.on_local_fs(rng.fd, st.st_dev):
             return None
         size = min(rng.size, st.st_size - rng.offset)  # no pages past EOF
         if size <= 0 or _libc.cached(rng.fd, rng.offset, size):
@@ -889,10 +887,11 @@ class Session:
     async def _read(self, req: Any) -> Reply:
         c = self.counters
         if self.splice_reads and req.size > self.max_copied_read:
-            rng = await self.ops.read_range(req.fh, req.offset, req.size)
+            cold = self._cold.pop(req.unique, None)  # before any await: never left behind
+            rng = cold or await self.ops.read_range(req.fh, req.offset, req.size)
             try:
-                st_size = None if rng.size < THREAD_MIN else self._in_loop(rng)
-                if rng.size < THREAD_MIN or st_size is not None:
+                st_size = None if cold or rng.size < THREAD_MIN else self._in_loop(rng)
+                if not cold and (rng.size < THREAD_MIN or st_size is not None):
                     n = self._splice_here(req.unique, rng, st_size)
                 else:
                     args = (self._pipes, self.devfd, req.unique, rng.fd, rng.offset, rng.size)

@@ -24,7 +24,10 @@ looks for a few optional methods that pyfuse3 has no way to express:
     Names of methods that never suspend (no ``await`` that can block: plain syscalls).  Our
     session runs their requests in its reader task instead of spawning a task each, which
     halves the per-request CPU; a method that blocks would stall the reader, so list only
-    what is truly quick.  Without it every request gets its own task.
+    what is truly quick.  Without it every request gets its own task.  ``write_payload`` listed
+    here promises it suspends only in ``payload.to_fd``: the session then runs big spliced
+    WRITEs in its reader task while its own splices into backing files are fast (they move to
+    worker threads for a while after a slow one).
 
 ``quick_io_max: int`` (an attribute)
     READ and WRITE requests of at most this many bytes never suspend in ``read``, ``write``,

@@ -192,6 +192,10 @@ class ChangeSink(Protocol):
     mirror replies to the kernel; a sink that makes changes durable does so before returning.
     Requests run concurrently, so a sink that cares about order must take its place in the
     order (e.g. append to a queue) synchronously, before its first checkpoint.
+
+    A sink whose ``record`` never suspends (it only appends to a log and a queue) says so with
+    a true ``quick_record`` attribute: the mirror then lets the session run big writes in its
+    reader task instead of a task each (see ``quick_methods`` in :mod:`fusefs.ops`).
     """
 
     async def record(self, change: Change) -> None:
@@ -215,12 +219,16 @@ class DurableSink(ChangeSink, Protocol):
 class NullSink:
     """The sink of a mirror without a target: records nothing (and the mirror skips it)."""
 
+    quick_record = True
+
     async def record(self, change: Change) -> None:
         """Discard ``change``."""
 
 
 class ListSink:
     """Keeps every change in a list, in order: for tests and debugging."""
+
+    quick_record = True
 
     def __init__(self) -> None:
         self.changes: list[Change] = []

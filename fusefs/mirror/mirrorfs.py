@@ -404,7 +404,12 @@ class MirrorFS(Operations):
         #: Methods that never suspend (plain syscalls, no awaits): our session may run them in
         #: its reader task instead of a task of their own (see fusefs.ops).  With a change
         #: sink, the methods that report changes await the sink and are left out.
-        self.quick_methods = _QUICK_ALWAYS if self._track else _QUICK_ALWAYS | _QUICK_UNTRACKED
+        quick = _QUICK_ALWAYS if self._track else _QUICK_ALWAYS | _QUICK_UNTRACKED
+        if not self._track or getattr(self._sink, "quick_record", False):
+            # write_payload awaits only payload.to_fd (which the session keeps inline when it
+            # runs it in its reader task) and a sink that never suspends
+            quick = quick | {"write_payload"}
+        self.quick_methods = quick
         #: With a sink every write must pass through us, and the kernel does not let an inode
         #: mix passthrough and ordinary opens: then no open is passed through.
         self.passthrough_allowed = not self._track

@@ -179,6 +179,7 @@ class FanoutSink:
     def __init__(self, sinks: Sequence[ReplicationSink]) -> None:
         self.sinks = list(sinks)
         self.barrier_waits = any(s.barrier_waits for s in self.sinks)
+        self.quick_record = all(getattr(s, "quick_record", False) for s in self.sinks)
 
     async def record(self, change: Change) -> None:
         for s in self.sinks:

@@ -416,6 +416,9 @@ class ReplicationSink:
     the target holds every change recorded so far durably).
     """
 
+    #: ``record`` appends to the log and the queue and never suspends (see ChangeSink).
+    quick_record = True
+
     def __init__(
         self,
         backing: str | os.PathLike[str],

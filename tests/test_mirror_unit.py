@@ -767,3 +767,43 @@ async def test_sink_rename_exchange_swaps_paths(sfs: MirrorFS, sink: ListSink) -
     await fs.write(fi.fh, 0, b"z")
     await fs.release(fi.fh)
     assert sink.changes[-2:] == [ch.Rename(b"x", b"y", 2), ch.Write(b"x", 0, 1)]
+
+
+# -- what the session may run in its reader task ---------------------------------------------
+
+
+class _SlowSink:
+    """A sink whose record may suspend (it says nothing of quick_record)."""
+
+    barrier_waits = False
+
+    def __init__(self) -> None:
+        self.changes: list[ch.Change] = []
+
+    async def record(self, change: ch.Change) -> None:
+        self.changes.append(change)
+
+
+class _QuickSink(_SlowSink):
+    quick_record = True
+
+
+def test_big_writes_run_in_the_loop_only_with_a_sink_that_never_suspends(backing: Path) -> None:
+    """write_payload is a quick method (the session splices big WRITEs in its reader task)
+    without a sink or with one whose record never suspends; a sink that may suspend keeps
+    every write in a task of its own, or one slow record would stall every request."""
+    from fusefs.replica.cli import FanoutSink
+
+    for changes, quick in [
+        (None, True),
+        (ch.NullSink(), True),
+        (ListSink(), True),
+        (_SlowSink(), False),
+        (FanoutSink([_QuickSink(), _QuickSink()]), True),  # type: ignore[list-item]
+        (FanoutSink([_QuickSink(), _SlowSink()]), False),  # type: ignore[list-item]
+    ]:
+        m = MirrorFS(backing, changes=changes)
+        try:
+            assert ("write_payload" in m.quick_methods) is quick, changes
+        finally:
+            m.close()

@@ -860,15 +860,24 @@ class Session:
             n = self._splice_here(unique, rng, st_size)
         except SpliceShort as short:
             self.counters.splice_fallbacks += 1
-            self.counters.read_requests_copied += 1
-            self.counters.read_bytes_copied += len(short.data)
-            self._send(rp.reply_data(unique, short.data))
+            self._send(self._copied_reply(unique, short.data))
             return True
         except OSError as e:
             return e.errno in (errno.ENOENT, errno.ENODEV)  # interrupted: no answer wanted
+        self._count_spliced(n)
+        return True
+
+    def _count_spliced(self, n: int) -> None:
         self.counters.read_requests_spliced += 1
         self.counters.read_bytes_spliced += n
-        return True
+
+    def _copied_reply(self, unique: int, data: bytes) -> bytes | list[bytes]:
+        """The reply to a READ answered with bytes that went through Python, counted so."""
+        self.counters.read_requests_copied += 1
+        self.counters.read_bytes_copied += len(data)
+        if len(data) > _JOIN_MAX:
+            return rp.reply_data_parts(unique, data)  # no join: the header goes by writev
+        return rp.reply_data(unique, data)
 
     def _splice_here(self, unique: int, rng: FileRange, st_size: int | None = None) -> int:
         """Splice a READ reply in the loop's own thread; big moves are timed for the
@@ -926,16 +935,11 @@ class Session:
                 log.debug("splice read failed (%s); copying", e)
                 data = await self.ops.read(req.fh, req.offset, req.size)
             else:
-                c.read_requests_spliced += 1
-                c.read_bytes_spliced += n
+                self._count_spliced(n)
                 return None
         else:
             data = await self.ops.read(req.fh, req.offset, req.size)
-        c.read_requests_copied += 1
-        c.read_bytes_copied += len(data)
-        if len(data) > _JOIN_MAX:
-            return rp.reply_data_parts(req.unique, data)
-        return rp.reply_data(req.unique, data)
+        return self._copied_reply(req.unique, data)
 
     async def _kill_suidgid(self, req: Any) -> None:
         """What the kernel leaves to us under HANDLE_KILLPRIV_V2 (it sends the flag only for

@@ -114,21 +114,30 @@ _cachestat_works = True
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-def cached(fd: int, offset: int, length: int) -> bool:
-    """Whether every page of the range is in the page cache (cachestat(2)), so reading it
-    cannot block on the disk.  False when unsure (no cachestat: Linux < 6.5, or an error)."""
+def cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """How many pages of the range are in the page cache (cachestat(2)); None when unknown
+    (no cachestat: Linux < 6.5, or an error)."""
     global _cachestat_works
     if not _cachestat_works or length <= 0:
-        return False
+        return None
     rng = (ctypes.c_uint64 * 2)(offset, length)
     out = (ctypes.c_uint64 * 5)()
     if _syscall(_SYS_CACHESTAT, ctypes.c_uint(fd), rng, out, ctypes.c_uint(0)) != 0:
         if ctypes.get_errno() == errno.ENOSYS:
             _cachestat_works = False
+        return None
+    return int(out[0])
+
+
+def cached(fd: int, offset: int, length: int) -> bool:
+    """Whether every page of the range is in the page cache, so reading it cannot block on
+    the disk.  False when unsure."""
+    n = cached_pages(fd, offset, length)
+    if n is None:
         return False
     first = offset // _PAGE_SIZE
     last = (offset + length - 1) // _PAGE_SIZE
-    return out[0] >= last - first + 1
+    return n >= last - first + 1
 
 
 def syncfs(fd: int) -> None:

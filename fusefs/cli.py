@@ -322,6 +322,7 @@ def make_filesystem(backing: str, opts: MountOptions, changes: Any = None) -> An
         attr_timeout=opts.attr_timeout,
         entry_timeout=opts.entry_timeout,
         writeback=opts.writeback_cache,
+        direct_writes=opts.session == "fusefs",
         changes=changes,
     )
 

@@ -601,13 +601,19 @@ def pipe_limit(size: int) -> Iterator[None]:
         knob.write_text(old)
 
 
+@pytest.mark.parametrize("access", [os.O_WRONLY, os.O_RDWR], ids=["wronly", "rdwr"])
 @pytest.mark.parametrize("limit", [1 << 20, 2 << 20], ids=["1MiB-pipes", "2MiB-pipes"])
-def test_request_size_follows_the_pipe(mount_factory: Any, tmp_path: Path, limit: int) -> None:
+def test_request_size_follows_the_pipe(
+    mount_factory: Any, tmp_path: Path, limit: int, access: int
+) -> None:
     """A spliced message must fit one pipe whole: under 1 MiB pipes a 1 MiB write arrives as
     two WRITEs (254 pages, then the rest), with 2 MiB pipes (a raised fs.pipe-max-size, or
     CAP_SYS_RESOURCE) as one.  Either way every byte is spliced and reads back the same, also
     after the limit went back down under the running daemon (its new pipes can no longer be
-    that big: what cannot be spliced is copied)."""
+    that big: what cannot be spliced is copied).  Both ways a write reaches the daemon: a
+    write-only open's direct I/O (the writer's pages) and a read-write open's page cache.
+    The writes come from a page-aligned buffer, as dd's and cp's do: under direct I/O a
+    request spans the writer's pages, and an unaligned MiB spans 257 of them."""
     from fusefs.session.datapath import splice_pipe_size, spliceable_pages
 
     with pipe_limit(limit):
@@ -615,25 +621,33 @@ def test_request_size_follows_the_pipe(mount_factory: Any, tmp_path: Path, limit
         mount: Mount = mount_factory(options=["data=splice"])
     mnt = mount.mountpoint
     data = pattern(8 * MiB, seed=41)
+    buf = mmap.mmap(-1, MiB)
     before = stats(mnt)
     assert before["max_pages"] == pages, before
-    fd = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(mnt / "f", access | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for off in range(0, len(data), MiB):
-            os.write(fd, data[off : off + MiB])
+            buf[:] = data[off : off + MiB]
+            os.write(fd, buf)
         after_aligned = stats(mnt)
-        os.pwrite(fd, data[:MiB], 8 * MiB + 100)  # unaligned: spans 257 pages
+        buf[:] = data[:MiB]
+        os.pwrite(fd, buf, 8 * MiB + 100)  # unaligned in the file: spans 257 pages
     finally:
         os.close(fd)
+        buf.close()
     d = delta(before, after_aligned)
     writes = after_aligned["requests"]["WRITE"] - before["requests"].get("WRITE", 0)
     assert writes == (8 if pages >= 256 else 16), (pages, writes)
     assert d["write_bytes_copied"] == 0 and d["splice_fallbacks"] == 0, d
     assert d["write_bytes_spliced"] == 8 * MiB, d
     d = delta(after_aligned, stats(mnt))
-    # the kernel sends the partial first page alone (it cannot mark it up to date): copied
     assert d["write_bytes_copied"] + d["write_bytes_spliced"] == MiB, d
-    assert d["write_bytes_copied"] < 4096, d
+    if access == os.O_RDWR:
+        # the page cache sends the partial first page alone (it cannot mark it up to date),
+        # small enough to be copied
+        assert d["write_bytes_copied"] < 4096, d
+    else:  # direct I/O takes the writer's pages as they are: all spliced
+        assert d["write_bytes_copied"] == 0, d
     want = data + bytes(100) + data[:MiB]
     evict(mnt / "f")
     assert read_all(mnt / "f") == want
@@ -717,3 +731,36 @@ async def test_pipe_payload_falls_back_to_copying_when_splice_is_refused(tmp_pat
     assert target.read_bytes() == b"head" + data
     assert payload.fallback is not None
     assert payload.copied == len(data) and payload.spliced == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_write_only_opens_skip_the_page_cache_and_stay_coherent(
+    mount_factory: Any, mode: str
+) -> None:
+    """A write-only open writes directly (FOPEN_DIRECT_IO, or passthrough): the kernel keeps
+    no second cached copy of what is written (the backing file's cache is the first), and a
+    reader that has cached the file sees each write at once, as on a plain file."""
+    from fusefs import _libc
+
+    mount: Mount = mount_factory(options=[f"data={mode}"])
+    path = mount.mountpoint / "f"
+    path.write_bytes(b"A" * (8 * 4096))
+    r = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(r, 8 * 4096, 0) == b"A" * (8 * 4096)
+        if mode != "passthrough":  # the kernel reads a passed-through file from BACKING
+            assert _libc.cached_pages(r, 0, 8 * 4096) == 8
+        w = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(w, b"B" * 4096, 4096)
+            assert os.pread(r, 3 * 4096, 0) == b"A" * 4096 + b"B" * 4096 + b"A" * 4096
+            new = pattern(4 * MiB, seed=5)
+            assert os.pwrite(w, new, 8 * 4096) == len(new)
+            assert _libc.cached_pages(r, 8 * 4096, len(new)) == 0
+            assert os.fstat(r).st_size == 8 * 4096 + len(new)
+            assert os.pread(r, len(new), 8 * 4096) == new
+        finally:
+            os.close(w)
+    finally:
+        os.close(r)
+    assert (mount.backing / "f").read_bytes() == b"A" * 4096 + b"B" * 4096 + b"A" * (6 * 4096) + new

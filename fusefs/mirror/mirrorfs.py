@@ -353,8 +353,13 @@ class MirrorFS(Operations):
         attr_timeout: float = 1.0,
         entry_timeout: float = 1.0,
         writeback: bool = False,
+        direct_writes: bool = False,
         max_inode_fds: int | None = None,
     ) -> None:
+        """``direct_writes``: write-only opens bypass the kernel's page cache (see
+        ``_new_handle``).  Only for a session that honours FUSE_WRITE_KILL_SUIDGID (ours):
+        the kernel leaves clearing setuid bits on a direct write to the filesystem, and
+        pyfuse3 does not pass that flag on."""
         super().__init__()
         path = Path(backing)
         try:
@@ -396,6 +401,7 @@ class MirrorFS(Operations):
         #: pyfuse3 asks the kernel for the writeback cache when this is set.
         self.enable_writeback_cache = writeback
         self._writeback = writeback
+        self._direct_writes = direct_writes and not writeback
         self._sink: ChangeSink = changes if changes is not None else NullSink()
         #: Track names and report changes only for a real sink (keeps the null case cheap).
         self._track = changes is not None and not isinstance(changes, NullSink)
@@ -893,8 +899,14 @@ class MirrorFS(Operations):
         self._handles[fd] = _Handle(fd, inode, writable)
         inode.nopen += 1
         # keep_cache off: the kernel drops its page cache at each open, so changes made in the
-        # backing directory behind the mount's back show up.
-        return FileInfo(fh=fd, direct_io=False, keep_cache=False, nonseekable=False)
+        # backing directory behind the mount's back show up.  So the pages a write-only open
+        # would leave in that cache serve nobody (no read or mmap through this fd; the next
+        # open drops them); direct I/O skips them: the kernel takes the writer's own pages
+        # instead of allocating, filling and keeping a second cached copy of everything
+        # written (the backing file's cache is the first).  Readers that have the file open
+        # stay coherent: the kernel invalidates their cached range on a direct write.
+        direct = self._direct_writes and flags & os.O_ACCMODE == os.O_WRONLY
+        return FileInfo(fh=fd, direct_io=direct, keep_cache=False, nonseekable=False)
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: _Ctx) -> FileInfo:

@@ -764,3 +764,32 @@ def test_write_only_opens_skip_the_page_cache_and_stay_coherent(
     finally:
         os.close(r)
     assert (mount.backing / "f").read_bytes() == b"A" * 4096 + b"B" * 4096 + b"A" * (6 * 4096) + new
+
+
+def test_shared_mapping_sees_writes_of_a_write_only_open(pair: Pair) -> None:
+    """A write-only open writes directly (not through the page cache) on our session, yet a
+    shared mapping of the file sees each write at once, and a write over a page the mapping
+    dirtied wins, as on a plain file."""
+
+    def scenario(root: Path) -> list[bytes]:
+        path = root / "mapped"
+        path.write_bytes(b"A" * (4 * 4096))
+        seen = []
+        r = os.open(path, os.O_RDWR)
+        m = mmap.mmap(r, 4 * 4096)
+        w = os.open(path, os.O_WRONLY)
+        try:
+            m[2 * 4096 : 2 * 4096 + 4] = b"DDDD"  # a dirty page of the mapping
+            os.pwrite(w, b"B" * 4096, 0)
+            seen += [m[0:4], m[2 * 4096 : 2 * 4096 + 4]]
+            os.pwrite(w, b"C" * 4096, 2 * 4096)
+            seen.append(m[2 * 4096 : 2 * 4096 + 4])
+            m.flush()
+        finally:
+            m.close()
+            os.close(w)
+            os.close(r)
+        seen.append(path.read_bytes()[::4096])
+        return seen
+
+    assert pair.both(scenario) == [b"BBBB", b"DDDD", b"CCCC", b"BACA"]

@@ -263,6 +263,31 @@ async def test_writeback_widens_write_only_opens(backing: Path) -> None:
         fs.close()
 
 
+@pytest.mark.parametrize("direct_writes", [False, True])
+@pytest.mark.parametrize("writeback", [False, True])
+async def test_only_write_only_opens_are_direct(
+    backing: Path, direct_writes: bool, writeback: bool
+) -> None:
+    """direct I/O only where it cannot cost a read: write-only opens, asked for (our
+    session), and not under the writeback cache, which is all page cache."""
+    (backing / "f").write_bytes(b"data")
+    fs = MirrorFS(backing, direct_writes=direct_writes, writeback=writeback)
+    try:
+        ino = (await fs.lookup(ROOT_INODE, b"f", CTX)).st_ino
+        got = {}
+        for name, flags in (("ro", os.O_RDONLY), ("wo", os.O_WRONLY), ("rw", os.O_RDWR)):
+            fi = await fs.open(ino, flags, CTX)
+            got[name] = fi.direct_io
+            await fs.release(fi.fh)
+        fi, _ = await fs.create(ROOT_INODE, b"new", 0o644, os.O_WRONLY | os.O_EXCL, CTX)
+        got["create-wo"] = fi.direct_io
+        await fs.release(fi.fh)
+        want = direct_writes and not writeback
+        assert got == {"ro": False, "wo": want, "rw": False, "create-wo": want}
+    finally:
+        fs.close()
+
+
 async def test_open_symlink_refused(fs: MirrorFS, backing: Path) -> None:
     (backing / "s").symlink_to("target")
     ino = (await fs.lookup(ROOT_INODE, b"s", CTX)).st_ino

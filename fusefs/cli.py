@@ -278,6 +278,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return _mount_in_background(args, backing, mountpoint, opts)
 
 
+#: GIL switch interval with a replication thread beside the FUSE loop: 0.2 ms instead of 5
+#: made async replication of a 1 GiB cp durable 5.5% sooner (median of 24 alternating
+#: rounds against a mount beside it, both orders; faster in 16 of 24, so: modest).
+GIL_SWITCH_S = 0.0002
+
+
 def serve(
     backing: str,
     mountpoint: str,
@@ -293,6 +299,11 @@ def serve(
     serving process (after any fork), and stops once the session has ended.
     """
     sink = replica_cli.make_sink(replication, backing) if replication is not None else None
+    if sink is not None:
+        # The replication sender runs in a thread of this process and shares the GIL with the
+        # FUSE loop, which otherwise may wait up to CPython's 5 ms switch interval for it
+        # after each syscall: a writer blocked on every WRITE waits along.
+        sys.setswitchinterval(GIL_SWITCH_S)
     try:
         ops = make_filesystem(backing, opts, changes=sink)
         if opts.session == "pyfuse3":

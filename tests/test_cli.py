@@ -353,3 +353,26 @@ def test_foreground_mount_and_stats(mnt_handle: Mount, backing: Path, session: s
 def test_stats_of_a_plain_directory(tmp_path: Path) -> None:
     assert_one_line_error(run_fusefs("stats", str(tmp_path)), "not a mount point")
     assert_one_line_error(run_fusefs("stats", str(tmp_path / "nope")), "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("release", "want"),
+    [
+        ("6.18.44-fc-v657", True),
+        ("6.6.0", True),
+        ("7.0-rc1", True),
+        ("6.5.13-1-generic", False),
+        ("5.15.0-91-generic", False),
+        ("unknown", False),
+    ],
+)
+def test_direct_writes_need_linux_6_6(
+    monkeypatch: pytest.MonkeyPatch, release: str, want: bool
+) -> None:
+    """Before 6.6 a direct write left readers' cached pages stale: no direct writes there."""
+    import types
+
+    from fusefs import cli
+
+    monkeypatch.setattr(cli.os, "uname", lambda: types.SimpleNamespace(release=release))
+    assert cli._kernel_at_least(6, 6) is want

@@ -268,8 +268,8 @@ async def test_writeback_widens_write_only_opens(backing: Path) -> None:
 async def test_only_write_only_opens_are_direct(
     backing: Path, direct_writes: bool, writeback: bool
 ) -> None:
-    """direct I/O only where it cannot cost a read: write-only opens, asked for (our
-    session), and not under the writeback cache, which is all page cache."""
+    """Direct I/O only where no read or mmap could use the page cache: write-only opens,
+    when asked for (our session), and never under the writeback cache, which is all cache."""
     (backing / "f").write_bytes(b"data")
     fs = MirrorFS(backing, direct_writes=direct_writes, writeback=writeback)
     try:

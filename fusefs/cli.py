@@ -322,7 +322,7 @@ def serve(
         replica_cli.close_sink(sink, mountpoint if sink is not None else None)
 
 
-def _kernel_at_least(major: int, minor: int) -> bool:
+def kernel_at_least(major: int, minor: int) -> bool:
     """Whether the running kernel's release is at least ``major.minor``.  Direct writes need
     6.6: from then on a direct write drops the range from the page cache of readers that
     have the file open (commit 80e4f25262f9); before, they could go on reading stale data."""
@@ -344,7 +344,7 @@ def make_filesystem(backing: str, opts: MountOptions, changes: Any = None) -> An
         attr_timeout=opts.attr_timeout,
         entry_timeout=opts.entry_timeout,
         writeback=opts.writeback_cache,
-        direct_writes=opts.session == "fusefs" and _kernel_at_least(6, 6),
+        direct_writes=opts.session == "fusefs" and kernel_at_least(6, 6),
         changes=changes,
     )
 

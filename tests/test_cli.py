@@ -375,4 +375,4 @@ def test_direct_writes_need_linux_6_6(
     from fusefs import cli
 
     monkeypatch.setattr(cli.os, "uname", lambda: types.SimpleNamespace(release=release))
-    assert cli._kernel_at_least(6, 6) is want
+    assert cli.kernel_at_least(6, 6) is want

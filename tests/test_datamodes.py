@@ -614,7 +614,7 @@ def test_request_size_follows_the_pipe(
     write-only open's direct I/O (the writer's pages) and a read-write open's page cache.
     The writes come from a page-aligned buffer, as dd's and cp's do: under direct I/O a
     request spans the writer's pages, and an unaligned MiB spans 257 of them."""
-    from fusefs.cli import _kernel_at_least
+    from fusefs.cli import kernel_at_least
     from fusefs.session.datapath import splice_pipe_size, spliceable_pages
 
     with pipe_limit(limit):
@@ -643,7 +643,7 @@ def test_request_size_follows_the_pipe(
     assert d["write_bytes_spliced"] == 8 * MiB, d
     d = delta(after_aligned, stats(mnt))
     assert d["write_bytes_copied"] + d["write_bytes_spliced"] == MiB, d
-    if access == os.O_WRONLY and _kernel_at_least(6, 6):
+    if access == os.O_WRONLY and kernel_at_least(6, 6):
         # direct I/O takes the writer's pages as they are: all spliced
         assert d["write_bytes_copied"] == 0, d
     else:  # the page cache sends the partial first page alone (it cannot mark it up to
@@ -742,9 +742,9 @@ def test_write_only_opens_skip_the_page_cache_and_stay_coherent(
     no second cached copy of what is written (the backing file's cache is the first), and a
     reader that has cached the file sees each write at once, as on a plain file."""
     from fusefs import _libc
-    from fusefs.cli import _kernel_at_least
+    from fusefs.cli import kernel_at_least
 
-    if not _kernel_at_least(6, 6):  # the mirror keeps the page cache there (see the cli)
+    if not kernel_at_least(6, 6):  # the mirror keeps the page cache there (see the cli)
         pytest.skip(f"direct writes need Linux 6.6, this is {os.uname().release}")
     mount: Mount = mount_factory(options=[f"data={mode}"])
     path = mount.mountpoint / "f"

@@ -262,6 +262,87 @@ async def test_session_rejects_malformed_requests(tmp_path: Path) -> None:
     assert session.counters.errors == len(cases)
 
 
+@pytest.mark.parametrize("err", [errno.EIO, errno.ENOMEM, errno.EFAULT], ids=errno.errorcode.get)
+async def test_session_survives_a_request_the_kernel_could_not_hand_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """When taking a request off the device fails (the kernel then fails that request with
+    EIO itself), the session counts it and keeps serving: one lost request must not take
+    the mount down with it."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    ops = MirrorFS(backing)
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.setblocking(False)
+    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="copy")
+    real_read = os.read
+    failures = [err]
+
+    def read(fd: int, n: int) -> bytes:
+        if fd == ours.fileno() and failures:
+            real_read(fd, n)  # the request is gone, as when the kernel fails it
+            raise OSError(failures.pop(), os.strerror(err))
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", read)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve)
+            kernel.send(_probe(0))  # lost
+            kernel.send(_probe(1))
+            _, error, unique = await _recv(kernel)
+            assert (unique, error) == (PROBE_UNIQUE + 1, 0)
+            nursery.cancel_scope.cancel()
+    finally:
+        ours.close()
+        kernel.close()
+        ops.close()
+    assert session.counters.errors == 1
+    assert not failures
+
+
+async def test_a_failed_request_splice_falls_back_to_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that fails to splice off the device (EIO: it did not fit the pipe) turns
+    request splicing off for the session; the next requests are read, and answered."""
+    from fusefs.protocol.init import Negotiated
+
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    ops = MirrorFS(backing)
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.setblocking(False)
+    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="splice")
+    session._choose_data_mode(Negotiated(True, 7, 41, 0, 0, 0, 0, 254, 12, 9, 0, 1))
+    assert session.splice_writes
+    real_splice = os.splice
+    failures = [errno.EIO]
+
+    def splice(src: int, dst: int, count: int, *args: Any, **kw: Any) -> int:
+        if src == ours.fileno() and failures:
+            os.read(src, count)  # the request is gone, as when the kernel fails it
+            raise OSError(failures.pop(), "Input/output error")
+        return real_splice(src, dst, count, *args, **kw)
+
+    monkeypatch.setattr(os, "splice", splice)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve)
+            kernel.send(_probe(0))  # lost
+            kernel.send(_probe(1))
+            _, error, unique = await _recv(kernel)
+            assert (unique, error) == (PROBE_UNIQUE + 1, 0)
+            nursery.cancel_scope.cancel()
+    finally:
+        ours.close()
+        kernel.close()
+        ops.close()
+    assert not failures
+    assert not session.splice_writes
+    assert session.counters.errors == 1
+
+
 # --- names, sizes and offsets at the edges ----------------------------------------------------
 
 #: One name holding every byte value but NUL and '/' (254 bytes), every single-byte name but

@@ -194,6 +194,11 @@ class _DirToken(ReaddirToken):
         return True
 
 
+#: Errors of taking a request off the device after which the kernel has failed that request
+#: itself (fuse_dev_do_read answers EIO when copying it out fails): the session goes on.
+_REQUEST_LOST = frozenset({errno.EIO, errno.ENOMEM, errno.EFAULT})
+
+
 class Session:
     """One mounted filesystem: the device fd, the Operations object, and what was negotiated."""
 
@@ -374,6 +379,9 @@ class Session:
                             break
                         if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
                             continue
+                        if e.errno in _REQUEST_LOST:
+                            self._request_lost(e)
+                            continue
                         raise
                     try:
                         if payload is None:
@@ -458,6 +466,18 @@ class Session:
         self._backing.clear()
         self._fh_backing.clear()
         self._pipes.close()
+
+    def _request_lost(self, exc: OSError) -> None:
+        """The kernel could not hand a request over (no memory for it, or it did not fit the
+        pipe) and has answered it EIO itself.  One failed request must not take the whole
+        mount down; a splicing failure other than memory means requests are read from now
+        on (copied: counted as such)."""
+        self.counters.errors += 1
+        log.warning("a request could not be taken off the device (%s); it failed with EIO",
+                    os.strerror(exc.errno or errno.EIO))  # fmt: skip
+        if self.splice_writes and exc.errno != errno.ENOMEM:
+            self.splice_writes = False
+            log.warning("taking requests off the device by read(2), not splice, from now on")
 
     def _reject(self, buf: bytes, exc: Exception) -> None:
         """A request we cannot parse still gets an answer, or the caller would hang."""

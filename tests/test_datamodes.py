@@ -748,7 +748,11 @@ def test_write_only_opens_skip_the_page_cache_and_stay_coherent(
         pytest.skip(f"direct writes need Linux 6.6, this is {os.uname().release}")
     mount: Mount = mount_factory(options=[f"data={mode}"])
     path = mount.mountpoint / "f"
+    before = stats(mount.mountpoint)
     path.write_bytes(b"A" * (8 * 4096))
+    # passthrough: the kernel writes the backing file itself, no direct I/O needed
+    opened = delta(before, stats(mount.mountpoint))["direct_io_opens"]
+    assert opened == (0 if mode == "passthrough" else 1), opened
     r = os.open(path, os.O_RDONLY)
     try:
         assert os.pread(r, 8 * 4096, 0) == b"A" * (8 * 4096)

@@ -29,6 +29,8 @@ class Counters:
     write_bytes_copied: int = 0
     passthrough_opens: int = 0
     passthrough_open_failures: int = 0
+    #: Opens answered FOPEN_DIRECT_IO (the mirror's write-only opens: no page-cache copy).
+    direct_io_opens: int = 0
     splice_fallbacks: int = 0
     errors: int = 0
     interrupts: int = 0
@@ -66,6 +68,7 @@ class Counters:
             "write_requests_copied",
             "write_bytes_copied",
             "passthrough_open_failures",
+            "direct_io_opens",
             "splice_fallbacks",
             "errors",
             "interrupts",

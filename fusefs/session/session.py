@@ -757,6 +757,14 @@ class Session:
             flags |= abi.FOPEN_NONSEEKABLE
         return flags
 
+    def _file_flags(self, fi: Any) -> tuple[int, int]:
+        """OPEN/CREATE reply flags and backing id; direct-I/O opens are counted (the writes
+        of write-only opens that skip the kernel's page cache)."""
+        flags, bid = self._passthrough(fi.fh, self._open_flags(fi))
+        if flags & abi.FOPEN_DIRECT_IO:
+            self.counters.direct_io_opens += 1
+        return flags, bid
+
     def _passthrough(self, fh: int, open_flags: int) -> tuple[int, int]:
         """Hand the backing fd to the kernel if we may; returns (open_flags, backing_id)."""
         if not self.passthrough:
@@ -783,13 +791,13 @@ class Session:
         fi = await self.ops.open(req.nodeid, req.flags, self._ctx(req))
         if req.open_flags & abi.FUSE_OPEN_KILL_SUIDGID:
             await self._kill_suidgid(req)
-        flags, bid = self._passthrough(fi.fh, self._open_flags(fi))
+        flags, bid = self._file_flags(fi)
         return rp.reply_open(req.unique, fi.fh, flags, bid)
 
     async def _create(self, req: Any) -> Reply:
         ctx = self._ctx(req, req.umask)
         fi, e = await self.ops.create(req.nodeid, req.name, req.mode, req.flags, ctx)
-        flags, bid = self._passthrough(fi.fh, self._open_flags(fi))
+        flags, bid = self._file_flags(fi)
         return rp.reply_create(
             req.unique,
             e.st_ino,

@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import re
 import select
 import stat
 import sys
@@ -322,15 +323,32 @@ def serve(
         replica_cli.close_sink(sink, mountpoint if sink is not None else None)
 
 
-def kernel_at_least(major: int, minor: int) -> bool:
-    """Whether the running kernel's release is at least ``major.minor``.  Direct writes need
-    6.6: from then on a direct write drops the range from the page cache of readers that
-    have the file open (commit 80e4f25262f9); before, they could go on reading stale data."""
-    parts = os.uname().release.split(".")
-    try:
-        return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
-    except (ValueError, IndexError):
+def kernel_version(release: str | None = None) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of a kernel release string (default: the running kernel's)."""
+    m = re.match(
+        r"(\d+)\.(\d+)(?:\.(\d+))?", release if release is not None else os.uname().release
+    )
+    if m is None:
+        return None
+    return int(m[1]), int(m[2]), int(m[3] or 0)
+
+
+def coherent_direct_writes(version: tuple[int, int, int] | None) -> bool:
+    """Whether a direct write on this kernel leaves no stale page cache behind for readers
+    that have the file open.  6.6 dropped the range before the WRITE (80e4f25262f9), but a
+    read racing the WRITE could cache the old bytes again; 6.19 also drops it after
+    (b359af8275a9, with 1ce120dcefc0), backported to 6.18.3 and 6.6.120.  Elsewhere the
+    mirror keeps the page cache (a version number cannot show other backports)."""
+    if version is None:
         return False
+    if version >= (6, 19, 0):
+        return True
+    first_fixed = _DIRECT_WRITE_FIX_BACKPORTS.get(version[:2])
+    return first_fixed is not None and version[2] >= first_fixed
+
+
+#: Stable series that got the direct-write page-cache fixes, and their first fixed release.
+_DIRECT_WRITE_FIX_BACKPORTS = {(6, 18): 3, (6, 6): 120}
 
 
 def make_filesystem(backing: str, opts: MountOptions, changes: Any = None) -> Any:
@@ -344,7 +362,7 @@ def make_filesystem(backing: str, opts: MountOptions, changes: Any = None) -> An
         attr_timeout=opts.attr_timeout,
         entry_timeout=opts.entry_timeout,
         writeback=opts.writeback_cache,
-        direct_writes=opts.session == "fusefs" and kernel_at_least(6, 6),
+        direct_writes=opts.session == "fusefs" and coherent_direct_writes(kernel_version()),
         changes=changes,
     )
 

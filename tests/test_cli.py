@@ -359,20 +359,21 @@ def test_stats_of_a_plain_directory(tmp_path: Path) -> None:
     ("release", "want"),
     [
         ("6.18.44-fc-v657", True),
-        ("6.6.0", True),
-        ("7.0-rc1", True),
-        ("6.5.13-1-generic", False),
+        ("6.18.3", True),
+        ("6.18.2-arch1-1", False),
+        ("6.19.0-rc1", True),
+        ("7.0", True),
+        ("6.6.120", True),
+        ("6.6.119-1-lts", False),
+        ("6.12.40-generic", False),
+        ("6.8.0-91-generic", False),
         ("5.15.0-91-generic", False),
         ("unknown", False),
     ],
 )
-def test_direct_writes_need_linux_6_6(
-    monkeypatch: pytest.MonkeyPatch, release: str, want: bool
-) -> None:
-    """Before 6.6 a direct write left readers' cached pages stale: no direct writes there."""
-    import types
+def test_direct_writes_only_where_readers_stay_coherent(release: str, want: bool) -> None:
+    """A direct write leaves readers' cached pages stale unless the kernel drops them before
+    and after the WRITE (6.19, backported to 6.18.3 and 6.6.120): no direct writes before."""
+    from fusefs.cli import coherent_direct_writes, kernel_version
 
-    from fusefs import cli
-
-    monkeypatch.setattr(cli.os, "uname", lambda: types.SimpleNamespace(release=release))
-    assert cli.kernel_at_least(6, 6) is want
+    assert coherent_direct_writes(kernel_version(release)) is want

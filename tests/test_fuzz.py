@@ -34,6 +34,7 @@ from fusefs.protocol import abi
 from fusefs.protocol import requests as rq
 from fusefs.protocol.abi import Opcode
 from fusefs.protocol.errors import ProtocolError
+from fusefs.protocol.init import Negotiated
 from fusefs.session.session import Session
 from tests import reliability_ops as ro
 from tests.mounting import MountFactory
@@ -262,6 +263,41 @@ async def test_session_rejects_malformed_requests(tmp_path: Path) -> None:
     assert session.counters.errors == len(cases)
 
 
+#: What INIT agreed on (splice-capable), for sessions driven without one.
+NEGOTIATED = Negotiated(True, 7, 41, 0, 0, 0, 0, 254, 12, 9, 0, 1)
+
+
+async def test_a_request_lost_before_init_ends_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before INIT is done a device that fails a read is not a mount worth keeping: the error
+    ends the session (and the mount reports it) instead of leaving a daemon that never gets
+    ready."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    ops = MirrorFS(backing)
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="copy")
+    real_read = os.read
+
+    def read(fd: int, n: int) -> bytes:
+        if fd == ours.fileno():
+            real_read(fd, n)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", read)
+    kernel.send(_probe(0))
+    try:
+        with trio.fail_after(10), pytest.raises(BaseExceptionGroup) as caught:
+            await session.serve()
+        assert caught.group_contains(OSError)
+    finally:
+        ours.close()
+        kernel.close()
+        ops.close()
+
+
 @pytest.mark.parametrize("err", [errno.EIO, errno.ENOMEM, errno.EFAULT], ids=errno.errorcode.get)
 async def test_session_survives_a_request_the_kernel_could_not_hand_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
@@ -275,6 +311,7 @@ async def test_session_survives_a_request_the_kernel_could_not_hand_over(
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     kernel.setblocking(False)
     session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="copy")
+    session.negotiated = NEGOTIATED  # after INIT: before it, such an error ends the session
     real_read = os.read
     failures = [err]
 
@@ -306,15 +343,14 @@ async def test_a_failed_request_splice_falls_back_to_reading(
 ) -> None:
     """A request that fails to splice off the device (EIO: it did not fit the pipe) turns
     request splicing off for the session; the next requests are read, and answered."""
-    from fusefs.protocol.init import Negotiated
-
     backing = tmp_path / "backing"
     backing.mkdir()
     ops = MirrorFS(backing)
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     kernel.setblocking(False)
     session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="splice")
-    session._choose_data_mode(Negotiated(True, 7, 41, 0, 0, 0, 0, 254, 12, 9, 0, 1))
+    session.negotiated = NEGOTIATED
+    session._choose_data_mode(NEGOTIATED)
     assert session.splice_writes
     real_splice = os.splice
     failures = [errno.EIO]

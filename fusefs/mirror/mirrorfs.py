@@ -904,7 +904,8 @@ class MirrorFS(Operations):
         # open drops them); direct I/O skips them: the kernel takes the writer's own pages
         # instead of allocating, filling and keeping a second cached copy of everything
         # written (the backing file's cache is the first).  Readers that have the file open
-        # stay coherent: the kernel (6.6+) invalidates their cached range on a direct write.
+        # stay coherent where the kernel drops their cached range around a direct write
+        # (the cli asks for direct writes only there: see cli.coherent_direct_writes).
         direct = self._direct_writes and flags & os.O_ACCMODE == os.O_WRONLY
         return FileInfo(fh=fd, direct_io=direct, keep_cache=False, nonseekable=False)
 

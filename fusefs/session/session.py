@@ -194,8 +194,8 @@ class _DirToken(ReaddirToken):
         return True
 
 
-#: Errors of taking a request off the device after which the kernel has failed that request
-#: itself (fuse_dev_do_read answers EIO when copying it out fails): the session goes on.
+#: Errors of taking a request off the device after which the session goes on (once INIT is
+#: done): fuse_dev_do_read answers a request EIO itself when copying it out fails.
 _REQUEST_LOST = frozenset({errno.EIO, errno.ENOMEM, errno.EFAULT})
 
 
@@ -238,6 +238,8 @@ class Session:
         self.debug = debug
         self.counters = Counters()
         self.negotiated: Negotiated | None = None
+        #: requests the kernel could not hand over (see _request_lost)
+        self._lost_requests = 0
         self.splice_reads = False
         self.passthrough = False
         self.splice_writes = False
@@ -379,8 +381,10 @@ class Session:
                             break
                         if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
                             continue
-                        if e.errno in _REQUEST_LOST:
+                        if e.errno in _REQUEST_LOST and self.negotiated is not None:
                             self._request_lost(e)
+                            if e.errno == errno.ENOMEM:  # let memory come back first
+                                await trio.sleep(0.01)
                             continue
                         raise
                     try:
@@ -468,13 +472,20 @@ class Session:
         self._pipes.close()
 
     def _request_lost(self, exc: OSError) -> None:
-        """The kernel could not hand a request over (no memory for it, or it did not fit the
-        pipe) and has answered it EIO itself.  One failed request must not take the whole
-        mount down; a splicing failure other than memory means requests are read from now
-        on (copied: counted as such)."""
+        """Taking a request off the device failed (no memory for it, or it did not fit the
+        pipe); the kernel then fails that request with EIO itself.  One failed request must
+        not take the whole mount down; a splicing failure other than memory means requests
+        are read from now on (copied: counted as such).  Logged at 1, 2, 4, 8, ... times."""
         self.counters.errors += 1
-        log.warning("a request could not be taken off the device (%s); it failed with EIO",
-                    os.strerror(exc.errno or errno.EIO))  # fmt: skip
+        self._lost_requests += 1
+        n = self._lost_requests
+        if n & (n - 1) == 0:
+            log.warning(
+                "a request could not be taken off the device (%s; %d so far); it may have "
+                "failed with EIO",
+                os.strerror(exc.errno or errno.EIO),
+                n,
+            )
         if self.splice_writes and exc.errno != errno.ENOMEM:
             self.splice_writes = False
             log.warning("taking requests off the device by read(2), not splice, from now on")

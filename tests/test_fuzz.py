@@ -15,12 +15,13 @@ sizes and offsets at the edges, compared with the backing filesystem.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -267,35 +268,59 @@ async def test_session_rejects_malformed_requests(tmp_path: Path) -> None:
 NEGOTIATED = Negotiated(True, 7, 41, 0, 0, 0, 0, 254, 12, 9, 0, 1)
 
 
+@contextlib.contextmanager
+def _lossy_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: str, call: str, err: int
+) -> Iterator[tuple[Session, socket.socket, list[int]]]:
+    """A session over a socketpair whose next take of a request off the device (``call``:
+    "read" or "splice") fails with ``err`` after consuming the request, as the kernel does
+    when it fails a request itself.  Yields (session, the kernel's end, failures left)."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    ops = MirrorFS(backing)
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.setblocking(False)
+    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data=data)
+    real_read, real_call = os.read, getattr(os, call)
+    failures = [err]
+
+    def failing(fd: int, *args: Any, **kw: Any) -> Any:
+        if fd == ours.fileno() and failures:
+            real_read(fd, 1 << 20)  # the request is gone
+            raise OSError(failures.pop(), os.strerror(err))
+        return real_call(fd, *args, **kw)
+
+    monkeypatch.setattr(os, call, failing)
+    try:
+        yield session, kernel, failures
+    finally:
+        ours.close()
+        kernel.close()
+        ops.close()
+
+
+async def _lost_then_answered(session: Session, kernel: socket.socket) -> None:
+    """The first probe is lost on the way in; the second must still be answered."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        kernel.send(_probe(0))
+        kernel.send(_probe(1))
+        _, error, unique = await _recv(kernel)
+        assert (unique, error) == (PROBE_UNIQUE + 1, 0)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_request_lost_before_init_ends_the_session(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before INIT is done a device that fails a read is not a mount worth keeping: the error
     ends the session (and the mount reports it) instead of leaving a daemon that never gets
     ready."""
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    ops = MirrorFS(backing)
-    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="copy")
-    real_read = os.read
-
-    def read(fd: int, n: int) -> bytes:
-        if fd == ours.fileno():
-            real_read(fd, n)
-            raise OSError(errno.EIO, "Input/output error")
-        return real_read(fd, n)
-
-    monkeypatch.setattr(os, "read", read)
-    kernel.send(_probe(0))
-    try:
+    with _lossy_session(tmp_path, monkeypatch, "copy", "read", errno.EIO) as (session, kernel, _):
+        kernel.send(_probe(0))
         with trio.fail_after(10), pytest.raises(BaseExceptionGroup) as caught:
             await session.serve()
         assert caught.group_contains(OSError)
-    finally:
-        ours.close()
-        kernel.close()
-        ops.close()
 
 
 @pytest.mark.parametrize("err", [errno.EIO, errno.ENOMEM, errno.EFAULT], ids=errno.errorcode.get)
@@ -305,37 +330,11 @@ async def test_session_survives_a_request_the_kernel_could_not_hand_over(
     """When taking a request off the device fails (the kernel then fails that request with
     EIO itself), the session counts it and keeps serving: one lost request must not take
     the mount down with it."""
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    ops = MirrorFS(backing)
-    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    kernel.setblocking(False)
-    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="copy")
-    session.negotiated = NEGOTIATED  # after INIT: before it, such an error ends the session
-    real_read = os.read
-    failures = [err]
-
-    def read(fd: int, n: int) -> bytes:
-        if fd == ours.fileno() and failures:
-            real_read(fd, n)  # the request is gone, as when the kernel fails it
-            raise OSError(failures.pop(), os.strerror(err))
-        return real_read(fd, n)
-
-    monkeypatch.setattr(os, "read", read)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.serve)
-            kernel.send(_probe(0))  # lost
-            kernel.send(_probe(1))
-            _, error, unique = await _recv(kernel)
-            assert (unique, error) == (PROBE_UNIQUE + 1, 0)
-            nursery.cancel_scope.cancel()
-    finally:
-        ours.close()
-        kernel.close()
-        ops.close()
+    with _lossy_session(tmp_path, monkeypatch, "copy", "read", err) as (session, kernel, left):
+        session.negotiated = NEGOTIATED  # after INIT: before it, such an error ends the session
+        await _lost_then_answered(session, kernel)
+    assert not left
     assert session.counters.errors == 1
-    assert not failures
 
 
 async def test_a_failed_request_splice_falls_back_to_reading(
@@ -343,38 +342,16 @@ async def test_a_failed_request_splice_falls_back_to_reading(
 ) -> None:
     """A request that fails to splice off the device (EIO: it did not fit the pipe) turns
     request splicing off for the session; the next requests are read, and answered."""
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    ops = MirrorFS(backing)
-    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    kernel.setblocking(False)
-    session = Session(ops, ours.fileno(), str(tmp_path / "mnt"), data="splice")
-    session.negotiated = NEGOTIATED
-    session._choose_data_mode(NEGOTIATED)
-    assert session.splice_writes
-    real_splice = os.splice
-    failures = [errno.EIO]
-
-    def splice(src: int, dst: int, count: int, *args: Any, **kw: Any) -> int:
-        if src == ours.fileno() and failures:
-            os.read(src, count)  # the request is gone, as when the kernel fails it
-            raise OSError(failures.pop(), "Input/output error")
-        return real_splice(src, dst, count, *args, **kw)
-
-    monkeypatch.setattr(os, "splice", splice)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.serve)
-            kernel.send(_probe(0))  # lost
-            kernel.send(_probe(1))
-            _, error, unique = await _recv(kernel)
-            assert (unique, error) == (PROBE_UNIQUE + 1, 0)
-            nursery.cancel_scope.cancel()
-    finally:
-        ours.close()
-        kernel.close()
-        ops.close()
-    assert not failures
+    with _lossy_session(tmp_path, monkeypatch, "splice", "splice", errno.EIO) as (
+        session,
+        kernel,
+        left,
+    ):
+        session.negotiated = NEGOTIATED
+        session._choose_data_mode(NEGOTIATED)
+        assert session.splice_writes
+        await _lost_then_answered(session, kernel)
+    assert not left
     assert not session.splice_writes
     assert session.counters.errors == 1
 

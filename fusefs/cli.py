@@ -333,6 +333,10 @@ def kernel_version(release: str | None = None) -> tuple[int, int, int] | None:
     return int(m[1]), int(m[2]), int(m[3] or 0)
 
 
+#: Stable series that got the direct-write page-cache fixes, and their first fixed release.
+_DIRECT_WRITE_FIX_BACKPORTS = {(6, 18): 3, (6, 6): 120}
+
+
 def coherent_direct_writes(version: tuple[int, int, int] | None) -> bool:
     """Whether a direct write on this kernel leaves no stale page cache behind for readers
     that have the file open.  6.6 dropped the range before the WRITE (80e4f25262f9), but a
@@ -345,10 +349,6 @@ def coherent_direct_writes(version: tuple[int, int, int] | None) -> bool:
         return True
     first_fixed = _DIRECT_WRITE_FIX_BACKPORTS.get(version[:2])
     return first_fixed is not None and version[2] >= first_fixed
-
-
-#: Stable series that got the direct-write page-cache fixes, and their first fixed release.
-_DIRECT_WRITE_FIX_BACKPORTS = {(6, 18): 3, (6, 6): 120}
 
 
 def make_filesystem(backing: str, opts: MountOptions, changes: Any = None) -> Any:

@@ -25,9 +25,15 @@ from typing import Any
 
 import pytest
 
+from fusefs.cli import coherent_direct_writes, kernel_version
 from tests.mounting import Mount
 
 MODES = ("copy", "splice", "passthrough")
+#: Whether the mirror writes write-only opens directly on this kernel (see fusefs.cli).
+DIRECT_WRITES = coherent_direct_writes(kernel_version())
+needs_direct_writes = pytest.mark.skipif(
+    not DIRECT_WRITES, reason=f"no direct writes on Linux {os.uname().release} (see fusefs.cli)"
+)
 MiB = 1 << 20
 
 
@@ -614,7 +620,6 @@ def test_request_size_follows_the_pipe(
     write-only open's direct I/O (the writer's pages) and a read-write open's page cache.
     The writes come from a page-aligned buffer, as dd's and cp's do: under direct I/O a
     request spans the writer's pages, and an unaligned MiB spans 257 of them."""
-    from fusefs.cli import coherent_direct_writes, kernel_version
     from fusefs.session.datapath import splice_pipe_size, spliceable_pages
 
     with pipe_limit(limit):
@@ -643,7 +648,7 @@ def test_request_size_follows_the_pipe(
     assert d["write_bytes_spliced"] == 8 * MiB, d
     d = delta(after_aligned, stats(mnt))
     assert d["write_bytes_copied"] + d["write_bytes_spliced"] == MiB, d
-    if access == os.O_WRONLY and coherent_direct_writes(kernel_version()):
+    if access == os.O_WRONLY and DIRECT_WRITES:
         # direct I/O takes the writer's pages as they are: all spliced
         assert d["write_bytes_copied"] == 0, d
     else:  # the page cache sends the partial first page alone (it cannot mark it up to
@@ -734,6 +739,7 @@ async def test_pipe_payload_falls_back_to_copying_when_splice_is_refused(tmp_pat
     assert payload.copied == len(data) and payload.spliced == 0
 
 
+@needs_direct_writes
 @pytest.mark.parametrize("mode", MODES)
 def test_write_only_opens_skip_the_page_cache_and_stay_coherent(
     mount_factory: Any, mode: str
@@ -742,10 +748,7 @@ def test_write_only_opens_skip_the_page_cache_and_stay_coherent(
     no second cached copy of what is written (the backing file's cache is the first), and a
     reader that has cached the file sees each write at once, as on a plain file."""
     from fusefs import _libc
-    from fusefs.cli import coherent_direct_writes, kernel_version
 
-    if not coherent_direct_writes(kernel_version()):  # the mirror keeps the page cache
-        pytest.skip(f"no direct writes on Linux {os.uname().release} (see fusefs.cli)")
     mount: Mount = mount_factory(options=[f"data={mode}"])
     path = mount.mountpoint / "f"
     before = stats(mount.mountpoint)
@@ -808,15 +811,12 @@ def test_shared_mapping_sees_writes_of_a_write_only_open(pair: Pair) -> None:
     assert pair.both(scenario) == [b"AAAA", b"BBBB", b"DDDD", b"CCCC", b"BACA"]
 
 
+@needs_direct_writes
 @pytest.mark.parametrize("mode", ["copy", "splice"])
 def test_direct_writes_race_cached_readers(mount_factory: Any, mode: str) -> None:
     """As xfstests generic/209: one thread keeps reading a file through the page cache while
     another rewrites its first page through a write-only (direct) open; after each write
     returns, a read sees the new bytes - never a page a racing read cached from before."""
-    from fusefs.cli import coherent_direct_writes, kernel_version
-
-    if not coherent_direct_writes(kernel_version()):
-        pytest.skip(f"no direct writes on Linux {os.uname().release} (see fusefs.cli)")
     mount: Mount = mount_factory(options=[f"data={mode}"])
     path = mount.mountpoint / "race"
     path.write_bytes(bytes(16 * 4096))

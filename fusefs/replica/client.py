@@ -98,6 +98,8 @@ BATCH_BYTES = 8 << 20
 ASYNC_NICE = 19
 #: Do not repeat a repair triggered by failed changes more often than this.
 REPAIR_INTERVAL = 30.0
+#: ... and how soon when an fsync waits on it (or a reconnect replayed changes)
+REPAIR_RETRY = 1.0
 _DATA_CHANGES = (Write, Create, Truncate, Fallocate)
 
 
@@ -469,6 +471,13 @@ class ReplicationSink:
         self._last_sent = 0.0
         self._barrier_seq = 0
         self.needs_repair = repair_at_start
+        #: the highest seq the target failed to apply, and the highest seq a repair that
+        #: fixed everything it found has covered since: a sync barrier waits for the second to
+        #: reach the first (a failed change is not on the replica until a repair puts it there)
+        self._failed_seq = 0
+        self._repaired_seq = 0
+        #: repair at the next idle moment, without waiting out REPAIR_INTERVAL
+        self._repair_now = False
         #: a comparison is under way
         self.repairing = False
         self._durable_acks = trio.Event()
@@ -614,21 +623,27 @@ class ReplicationSink:
         if self.mode != "sync" or self._closed:
             return
         seq = self.log.last_seq
-        if self.durable_seq >= seq:
+        if self._holds(seq):
             return
         self._barrier_seq = max(self._barrier_seq, seq)
+        if self._failed_seq > self._repaired_seq:
+            self._repair_now = True
         self._wake()
         await trio.to_thread.run_sync(self._wait_durable, seq, None, abandon_on_cancel=True)
+
+    def _holds(self, seq: int) -> bool:
+        """The target holds every change up to ``seq`` durably, failed ones repaired."""
+        return self.durable_seq >= seq and self._failed_seq <= self._repaired_seq
 
     def _wait_durable(self, seq: int, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self.durable_seq < seq and not self._closed:
+            while not self._holds(seq) and not self._closed:
                 left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if left <= 0:
                     return False
                 self._cond.wait(left)
-            return self.durable_seq >= seq
+            return self._holds(seq)
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -770,6 +785,13 @@ class ReplicationSink:
     async def _session(self, target: Target) -> None:
         with self._lock:
             # everything the target has not made durable is sent again, in order
+            if self._inflight:
+                # The target may have applied some of these already, and a rename is not
+                # idempotent (applied twice, RENAME_EXCHANGE swaps back; a plain rename moves
+                # whatever took the old name since): compare the trees once replayed, and
+                # until then count them as failed (a sync barrier waits for that repair).
+                self.needs_repair = self._repair_now = True
+                self._failed_seq = max(self._failed_seq, self._inflight[-1].seq)
             self._unsent_bytes += sum(e.nbytes for e in self._inflight)
             self._unsent.extendleft(reversed(self._inflight))
             self._inflight.clear()
@@ -785,6 +807,10 @@ class ReplicationSink:
             if ack.failed:
                 self.failed_changes += 1
                 self.needs_repair = True
+                with self._cond:
+                    self._failed_seq = max(self._failed_seq, ack.seq)
+                    if self._barrier_seq > self._repaired_seq:
+                        self._repair_now = True  # an fsync waits for it
                 continue
             self.applied_seq = max(self.applied_seq, ack.seq)
             if ack.durable:
@@ -870,7 +896,10 @@ class ReplicationSink:
             self._imprecise = False
             self.needs_repair = True
         now = time.monotonic()
-        if self.needs_repair and (self.repairs == 0 or now - self._last_repair >= REPAIR_INTERVAL):
+        if self.needs_repair and (
+            self.repairs == 0
+            or now - self._last_repair >= (REPAIR_RETRY if self._repair_now else REPAIR_INTERVAL)
+        ):
             await self._repair(target)
             return
         if self.sent_seq > self._sync_requested:
@@ -968,12 +997,15 @@ class ReplicationSink:
 
     async def _repair(self, target: Target) -> None:
         """Compare the trees and send what differs (the initial sync, and divergence repair)."""
-        self.needs_repair = False
+        self.needs_repair = self._repair_now = False
         self._imprecise = False  # the comparison covers whatever was re-read by path
         self.repairing = True
         self.repairs += 1
         self._last_repair = time.monotonic()
         started = time.monotonic()
+        # every change logged so far is applied to BACKING, so the comparison covers it
+        covers = self.log.last_seq
+        failed_before = self.failed_changes
         theirs = await target.list_tree()
         ours = await trio.to_thread.run_sync(self._list_backing)
         diffs = differences(ours, theirs, owners=self._is_root)
@@ -986,6 +1018,12 @@ class ReplicationSink:
         await self._request_sync(target)
         await self._durable_acks.wait()  # the replica holds the repair
         self.repairing = False
+        if fixed == len(diffs) and self.failed_changes == failed_before:
+            with self._cond:
+                self._repaired_seq = max(self._repaired_seq, covers)
+                self._cond.notify_all()
+        elif self._barrier_seq > self._repaired_seq:
+            self._repair_now = True  # an fsync still waits: try again soon
         self._write_status()  # say so at once (fusefs status, tools/bench wait for it)
         log.info(
             "%s: compared %d objects, %d differed, fixed %d in %.2f s",

@@ -107,6 +107,7 @@ class LocalTarget(Target):
     async def send_range(self, seq: int, path: bytes, fd: int, offset: int, length: int) -> None:
         out = self.replica.open_for_write(path)
         if out is None:
+            self._acks_in.send_nowait(Ack(seq, failed=True))  # not a regular file there
             return
         try:
             data = os.pread(fd, length, offset)

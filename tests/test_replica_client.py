@@ -1,0 +1,142 @@
+"""The replication client against a target that misbehaves on purpose (in process, no
+network): replays after a lost connection and failed changes under sync replication."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from fusefs.mirror import changes as ch
+from fusefs.replica.apply import ReplicaDir
+from fusefs.replica.client import ReplicationSink
+from fusefs.replica.target import LocalTarget, Target, TargetFactory
+from fusefs.replica.wire import Ack
+from tests.test_replica_helpers import diff_snapshots, snapshot, wait_until
+
+RENAME_EXCHANGE = 2
+
+
+class Controls:
+    """What the flaky target does; the test flips these while the sink runs."""
+
+    def __init__(self) -> None:
+        self.durable = True  # answer sync() with a durable ack
+        self.fail_once: set[type[ch.Change]] = set()  # fail the first change of these types
+        self.connections = 0
+        self.current: FlakyTarget | None = None
+
+
+class FlakyTarget(LocalTarget):
+    def __init__(self, replica: ReplicaDir, controls: Controls) -> None:
+        super().__init__(replica)
+        self.controls = controls
+
+    async def apply(self, seq: int, change: ch.Change) -> None:
+        if type(change) in self.controls.fail_once:
+            self.controls.fail_once.discard(type(change))
+            self._acks_in.send_nowait(Ack(seq, failed=True))
+            return
+        await super().apply(seq, change)
+
+    async def sync(self, seq: int) -> None:
+        if self.controls.durable:
+            await super().sync(seq)
+
+    def cut(self) -> None:
+        """The connection breaks: everything applied but not acknowledged durable is lost
+        to the client's knowledge (the replica keeps it)."""
+        self._acks_in.close()
+
+
+def flaky_factory(path: Path, controls: Controls) -> TargetFactory:
+    @asynccontextmanager
+    async def factory() -> AsyncIterator[Target]:
+        replica = ReplicaDir(str(path), create=True)
+        controls.connections += 1
+        t = FlakyTarget(replica, controls)
+        controls.current = t
+        try:
+            yield t
+        finally:
+            replica.close()
+
+    return factory
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, bytes(old), -100, bytes(new), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+async def _sink(tmp: Path, controls: Controls, mode: str) -> ReplicationSink:
+    (tmp / "backing").mkdir()
+    sink = ReplicationSink(
+        tmp / "backing", tmp / "log", flaky_factory(tmp / "replica", controls), mode=mode
+    )
+    sink.start()
+    return sink
+
+
+async def test_replayed_exchange_after_a_lost_connection_is_repaired(tmp_path: Path) -> None:
+    """A RENAME_EXCHANGE the replica applied but never acknowledged as durable is sent again
+    after the reconnect; applied twice it swaps the files back, so the client compares the
+    trees after any replay (fails without that: the replica keeps a and b swapped)."""
+    controls = Controls()
+    sink = await _sink(tmp_path, controls, "async")
+    b = tmp_path / "backing"
+    try:
+        for name, data, mtime in ((b"a", b"A" * 4000, 1_000_000_000), (b"b", b"B" * 4000, 2 << 30)):
+            (b / name.decode()).write_bytes(data)
+            os.utime(b / name.decode(), ns=(mtime, mtime))
+            await sink.record(ch.Create(name, 0o644, 0, 0))
+            await sink.record(ch.Write(name, 0, len(data)))
+        await wait_until(lambda: sink.caught_up, 15, "the files to be durable")
+        repairs = sink.repairs
+        controls.durable = False
+        renameat2(b / "a", b / "b", RENAME_EXCHANGE)
+        await sink.record(ch.Rename(b"a", b"b", RENAME_EXCHANGE))
+        await wait_until(
+            lambda: (tmp_path / "replica/a").read_bytes()[:1] == b"B", 15, "the exchange applied"
+        )
+        controls.durable = True
+        t, token = controls.current, sink._token
+        assert t is not None and token is not None
+        # the sink's own trio loop runs in its thread: cut there
+        await trio.to_thread.run_sync(lambda: trio.from_thread.run_sync(t.cut, trio_token=token))
+        await wait_until(lambda: controls.connections == 2, 15, "a reconnect")
+        await wait_until(lambda: sink.caught_up, 15, "the replay to be durable")
+        a, r = snapshot(b), snapshot(tmp_path / "replica")
+        assert a == r, diff_snapshots(a, r)
+        assert sink.repairs == repairs + 1
+    finally:
+        await trio.to_thread.run_sync(sink.close, 0)
+
+
+async def test_sync_barrier_waits_until_a_failed_change_is_repaired(tmp_path: Path) -> None:
+    """In sync mode fsync returns only once the replica holds the change: when the target
+    failed to apply it, that is after the repair that puts it there (fails without: the
+    barrier returned at the durable ack and the xattr was missing for REPAIR_INTERVAL)."""
+    controls = Controls()
+    sink = await _sink(tmp_path, controls, "sync")
+    b = tmp_path / "backing"
+    try:
+        (b / "f").write_bytes(b"data")
+        await sink.record(ch.Create(b"f", 0o644, 0, 0))
+        await sink.record(ch.Write(b"f", 0, 4))
+        await wait_until(lambda: sink.repairs == 1 and sink.caught_up, 15, "the initial sync")
+        controls.fail_once.add(ch.SetXattr)
+        os.setxattr(b / "f", "user.k", b"v")
+        await sink.record(ch.SetXattr(b"f", b"user.k", b"v"))
+        with trio.fail_after(15):
+            await sink.barrier()
+        assert sink.failed_changes == 1
+        assert os.getxattr(tmp_path / "replica/f", "user.k") == b"v"
+    finally:
+        await trio.to_thread.run_sync(sink.close, 0)

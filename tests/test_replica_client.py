@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from fusefs.mirror import changes as ch
+from fusefs.replica import client
 from fusefs.replica.apply import ReplicaDir
 from fusefs.replica.client import ReplicationSink
 from fusefs.replica.target import LocalTarget, Target, TargetFactory
@@ -35,6 +39,7 @@ class FlakyTarget(LocalTarget):
     def __init__(self, replica: ReplicaDir, controls: Controls) -> None:
         super().__init__(replica)
         self.controls = controls
+        self.dead = False
 
     async def apply(self, seq: int, change: ch.Change) -> None:
         if type(change) in self.controls.fail_once:
@@ -44,12 +49,15 @@ class FlakyTarget(LocalTarget):
         await super().apply(seq, change)
 
     async def sync(self, seq: int) -> None:
-        if self.controls.durable:
-            await super().sync(seq)
+        # a slow disk: the durable ack comes once the test allows it (never after a cut)
+        while not self.controls.durable or self.dead:
+            await trio.sleep(0.01)
+        await super().sync(seq)
 
     def cut(self) -> None:
         """The connection breaks: everything applied but not acknowledged durable is lost
         to the client's knowledge (the replica keeps it)."""
+        self.dead = True
         self._acks_in.close()
 
 
@@ -75,10 +83,10 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-async def _sink(tmp: Path, controls: Controls, mode: str) -> ReplicationSink:
+async def _sink(tmp: Path, controls: Controls, mode: str, **kw: int) -> ReplicationSink:
     (tmp / "backing").mkdir()
     sink = ReplicationSink(
-        tmp / "backing", tmp / "log", flaky_factory(tmp / "replica", controls), mode=mode
+        tmp / "backing", tmp / "log", flaky_factory(tmp / "replica", controls), mode=mode, **kw
     )
     sink.start()
     return sink
@@ -105,11 +113,11 @@ async def test_replayed_exchange_after_a_lost_connection_is_repaired(tmp_path: P
         await wait_until(
             lambda: (tmp_path / "replica/a").read_bytes()[:1] == b"B", 15, "the exchange applied"
         )
-        controls.durable = True
         t, token = controls.current, sink._token
         assert t is not None and token is not None
         # the sink's own trio loop runs in its thread: cut there
         await trio.to_thread.run_sync(lambda: trio.from_thread.run_sync(t.cut, trio_token=token))
+        controls.durable = True
         await wait_until(lambda: controls.connections == 2, 15, "a reconnect")
         await wait_until(lambda: sink.caught_up, 15, "the replay to be durable")
         a, r = snapshot(b), snapshot(tmp_path / "replica")
@@ -139,4 +147,74 @@ async def test_sync_barrier_waits_until_a_failed_change_is_repaired(tmp_path: Pa
         assert sink.failed_changes == 1
         assert os.getxattr(tmp_path / "replica/f", "user.k") == b"v"
     finally:
+        await trio.to_thread.run_sync(sink.close, 0)
+
+
+def _record_in_a_thread(sink: ReplicationSink, changes: list[ch.Change]) -> threading.Thread:
+    """Record as the mount's request loop does: a thread of its own, which the sink may hold
+    back (blocking it) while the target lags."""
+
+    async def run() -> None:
+        for c in changes:
+            await sink.record(c)
+
+    t = threading.Thread(target=trio.run, args=(run,), daemon=True)
+    t.start()
+    return t
+
+
+async def _initial_sync_done(sink: ReplicationSink) -> None:
+    await wait_until(lambda: sink.connected and sink.caught_up, 15, "the initial sync")
+
+
+async def test_a_lagging_target_holds_the_writer_back(tmp_path: Path) -> None:
+    """Async mode bounds the lag: once more than max_lag_bytes of writes are not durable on a
+    connected target, record() blocks until it catches up (fails without: the writer ran
+    ahead by all 8 MiB)."""
+    controls = Controls()
+    sink = await _sink(tmp_path, controls, "async", max_lag_bytes=2 << 20)
+    b = tmp_path / "backing"
+    try:
+        await _initial_sync_done(sink)
+        (b / "f").write_bytes(os.urandom(8 << 20))
+        controls.durable = False
+        writes = [ch.Create(b"f", 0o644, 0, 0)]
+        writes += [ch.Write(b"f", off, 1 << 20) for off in range(0, 8 << 20, 1 << 20)]
+        t = _record_in_a_thread(sink, writes)
+        await trio.sleep(1.0)
+        assert t.is_alive(), "the writer was not held back"
+        assert sink.status()["bytes_pending"] <= 3 << 20
+        controls.durable = True
+        await trio.to_thread.run_sync(t.join, 15)
+        assert not t.is_alive()
+        assert sink.held_back_seconds >= 0.9
+        await wait_until(lambda: sink.caught_up, 15, "catching up")
+        assert (tmp_path / "replica/f").read_bytes() == (b / "f").read_bytes()
+    finally:
+        controls.durable = True
+        await trio.to_thread.run_sync(sink.close, 0)
+
+
+async def test_a_stuck_target_does_not_hang_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connected but making no durable progress (a hung peer): the sink holds the writer back
+    for LAG_STALL at most, then lets it run and says why in the status."""
+    monkeypatch.setattr(client, "LAG_STALL", 0.5)
+    controls = Controls()
+    sink = await _sink(tmp_path, controls, "async", max_lag_bytes=1 << 20)
+    b = tmp_path / "backing"
+    try:
+        await _initial_sync_done(sink)
+        (b / "f").write_bytes(os.urandom(4 << 20))
+        controls.durable = False
+        writes = [ch.Write(b"f", off, 1 << 20) for off in range(0, 4 << 20, 1 << 20)]
+        started = time.monotonic()
+        t = _record_in_a_thread(sink, writes)
+        await trio.to_thread.run_sync(t.join, 10)
+        assert not t.is_alive()
+        assert time.monotonic() - started < 5
+        assert "no durable progress" in (sink.status()["last_error"] or "")
+    finally:
+        controls.durable = True
         await trio.to_thread.run_sync(sink.close, 0)

@@ -96,6 +96,10 @@ BATCH_DELAY = 0.02
 BATCH_BYTES = 8 << 20
 #: Scheduling priority (nice) of the replication thread in async mode (see _thread_main).
 ASYNC_NICE = 19
+#: Async mode's bound on written bytes not yet durable on a connected target (--max-lag).
+DEFAULT_MAX_LAG = 1 << 30
+#: ... unless the target makes no durable progress for this long (s) while the mount waits.
+LAG_STALL = 10.0
 #: Do not repeat a repair triggered by failed changes more often than this.
 REPAIR_INTERVAL = 30.0
 #: ... and how soon when an fsync waits on it (or a reconnect replayed changes)
@@ -430,9 +434,17 @@ class ReplicationSink:
         name: str = "target",
         mode: str = "async",
         repair_at_start: bool = True,
+        max_lag_bytes: int = DEFAULT_MAX_LAG,
     ) -> None:
         if mode not in ("async", "sync"):
             raise ValueError(f"replication mode must be async or sync, not {mode!r}")
+        #: while connected, ``record()`` holds the mount back once this many written bytes
+        #: are not yet durable on the target (0: never; see :meth:`_hold_back`)
+        self.max_lag_bytes = max_lag_bytes
+        #: the target made no durable progress for LAG_STALL while the mount was held back:
+        #: stop holding back until it does (a hung peer must not hang the mount)
+        self._stalled = False
+        self.held_back_seconds = 0.0
         self.backing = os.fspath(backing)
         self.name = name
         self.mode = mode
@@ -583,6 +595,37 @@ class ReplicationSink:
             )
         if wake:
             self._wake()
+        if (
+            self.max_lag_bytes
+            and self._bytes_pending > self.max_lag_bytes
+            and self.connected
+            and not self._stalled
+        ):
+            self._hold_back()
+
+    def _hold_back(self) -> None:
+        """Bound the lag of a connected target (DRBD protocol A's full send buffer): block
+        the caller - the mount's request loop, so the application's writes - until the
+        target has made all but 3/4 of ``max_lag_bytes`` durable.  It does not suspend the
+        loop for other tasks on purpose: nothing the mount does should outrun the target.
+        Disconnected, or without durable progress for LAG_STALL, it lets go: the lag then
+        grows (the log keeps every change) and ``fusefs status`` shows it."""
+        started = time.monotonic()
+        low = self.max_lag_bytes * 3 // 4
+        with self._cond:
+            progress, durable = started, self.durable_seq
+            while self._bytes_pending > low and self.connected and not self._closed:
+                now = time.monotonic()
+                if self.durable_seq != durable:
+                    progress, durable = now, self.durable_seq
+                elif now - progress >= LAG_STALL:
+                    self._stalled = True
+                    self._note_error(
+                        f"no durable progress for {LAG_STALL:.0f} s: not holding the mount back"
+                    )
+                    break
+                self._cond.wait(min(0.5, LAG_STALL - (now - progress)))
+        self.held_back_seconds += time.monotonic() - started
 
     def _queued(self) -> int:
         return len(self._unsent) + len(self._inflight)
@@ -824,6 +867,7 @@ class ReplicationSink:
             self.log.trim(seq)
         except OSError as e:
             self._note_error(f"cannot trim the log: {e.strerror}")
+        self._stalled = False
         with self._cond:
             while self._inflight and self._inflight[0].seq <= seq:
                 done = self._inflight.popleft()
@@ -1163,6 +1207,8 @@ class ReplicationSink:
             "repairs": self.repairs,
             "needs_repair": self.needs_repair or self.repairing,
             "failed_changes": self.failed_changes,
+            "max_lag_bytes": self.max_lag_bytes,
+            "held_back_seconds": round(self.held_back_seconds, 3),
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
             "pid": os.getpid(),

@@ -135,9 +135,9 @@ def wait_until_sync(cond: Callable[[], bool], timeout: float = 15.0, what: str =
         time.sleep(0.05)
 
 
-def same_tree(a: Path, b: Path, *, mtimes: bool = True) -> bool:
+def same_tree(a: Path, b: Path, *, mtimes: bool = True, links: bool = True) -> bool:
     try:
-        return snapshot(a, mtimes=mtimes) == snapshot(b, mtimes=mtimes)
+        return snapshot(a, mtimes=mtimes, links=links) == snapshot(b, mtimes=mtimes, links=links)
     except OSError:
         return False
 
@@ -275,13 +275,22 @@ class Mounted(MountProcess):
         return out
 
 
-def converge(backing: Path, replica: Path, mounted: Mounted, timeout: float = CONVERGE) -> None:
+def converge(
+    backing: Path,
+    replica: Path,
+    mounted: Mounted,
+    timeout: float = CONVERGE,
+    *,
+    links: bool = True,
+) -> None:
     """Wait until ``replica`` equals ``backing`` by :func:`snapshot` (whole tree, SHA-256 of
-    every file, hard links); fail with the differences and the logs."""
+    every file, and unless ``links=False`` hard links); fail with the differences and logs."""
     try:
-        wait_until_sync(lambda: same_tree(backing, replica), timeout, "the replica to converge")
+        wait_until_sync(
+            lambda: same_tree(backing, replica, links=links), timeout, "the replica to converge"
+        )
     except AssertionError:
-        a, b = snapshot(backing), snapshot(replica)
+        a, b = snapshot(backing, links=links), snapshot(replica, links=links)
         raise AssertionError(diff_snapshots(a, b) + mounted.logs()) from None
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "add_subcommands",
     "check_mount_arguments",
     "close_sink",
+    "default_source_name",
     "main",
     "make_sink",
     "read_key",
@@ -98,10 +99,33 @@ def _hostport(text: str) -> tuple[str, int]:
         raise ReplicaUsageError(str(e)) from None
 
 
-def _source_name(text: str | None) -> bytes:
-    name = (text or os.uname().nodename or "fusefs").encode()
-    if not name or len(name) > 64 or b"/" in name or name in (b".", b".."):
-        raise ReplicaUsageError(f"unusable source name {name.decode(errors='replace')!r}")
+#: longest source name the protocol carries (docs/protocol.md)
+MAX_SOURCE = 64
+
+
+def default_source_name(backing: str) -> str:
+    """``<host>-<12 hex digits of SHA-256 of realpath(backing)>``: the default ``--source``.
+
+    The host name alone made two mounts of one host claim the same name on a shared server:
+    each connection cancelled the other's, and with ``--subtree-per-source`` they shared (and
+    repaired away) one replica.  ``fusefs verify BACKING`` derives the same name as the mount.
+    """
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(backing))).hexdigest()[:12]
+    host = (os.uname().nodename or "fusefs").replace("/", "_")
+    room = MAX_SOURCE - len(digest) - 1
+    host = host.encode()[:room].decode(errors="ignore") or "fusefs"
+    return f"{host}-{digest}"
+
+
+def _source_name(text: str | None, backing: str) -> bytes:
+    """``--source`` checked (one path component, at most 64 bytes), or the default for
+    ``backing`` (see :func:`default_source_name`)."""
+    name = os.fsencode(text if text else default_source_name(backing))
+    if not name or len(name) > MAX_SOURCE or b"/" in name or name in (b".", b".."):
+        raise ReplicaUsageError(
+            f"unusable source name {os.fsdecode(name)!r} "
+            f"(at most {MAX_SOURCE} bytes, no '/', not '.' or '..')"
+        )
     return name
 
 
@@ -169,7 +193,9 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--source",
         metavar="NAME",
-        help="this mount's name on the target (default: the host name)",
+        help="this mount's name on the target, its directory there with 'serve "
+        "--subtree-per-source' (default: HOST-HASH, the host name and a hash of BACKING's "
+        "real path; formerly the host name alone: pass that to keep using an older replica)",
     )
 
 
@@ -206,6 +232,8 @@ def check_mount_arguments(args: argparse.Namespace) -> None:
                 "--target HOST:PORT needs --key-file (the secret shared with the target)"
             )
         read_key(args.key_file)
+    if targets and getattr(args, "source", None):
+        _source_name(args.source, ".")
 
 
 def _parse_target(text: str) -> tuple[str, int] | SshSpec:
@@ -240,7 +268,8 @@ def make_sink(args: argparse.Namespace, backing: str) -> ChangeSink | None:
     if not targets:
         return None
     check_mount_arguments(args)
-    source = _source_name(getattr(args, "source", None))
+    source = _source_name(getattr(args, "source", None), backing)
+    log.info("replicating %s as source %r", backing, os.fsdecode(source))
     mode = getattr(args, "replicate", "async") or "async"
     sinks = []
     for text in targets:
@@ -254,7 +283,7 @@ def make_sink(args: argparse.Namespace, backing: str) -> ChangeSink | None:
         sinks.append(sink)
     mountpoint = getattr(args, "mountpoint", None)
     if mountpoint:
-        _register(mountpoint, backing, [s.log.dir for s in sinks])
+        _register(mountpoint, backing, [s.log.dir for s in sinks], os.fsdecode(source))
     return sinks[0] if len(sinks) == 1 else FanoutSink(sinks)
 
 
@@ -267,7 +296,7 @@ def close_sink(sink: ChangeSink | None, mountpoint: str | None = None) -> None:
             os.unlink(_registry_path(mountpoint))
 
 
-def _register(mountpoint: str, backing: str, log_dirs: list[str]) -> None:
+def _register(mountpoint: str, backing: str, log_dirs: list[str], source: str) -> None:
     path = _registry_path(mountpoint)
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
@@ -278,6 +307,7 @@ def _register(mountpoint: str, backing: str, log_dirs: list[str]) -> None:
                     "mountpoint": os.path.realpath(mountpoint),
                     "backing": backing,
                     "log_dirs": log_dirs,
+                    "source": source,
                     "pid": os.getpid(),
                 },
                 f,
@@ -327,7 +357,13 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--target", metavar="HOST:PORT|ssh://[USER@]HOST/PATH", required=True)
     p.add_argument("--key-file", metavar="FILE", help="the shared secret (HOST:PORT targets)")
-    p.add_argument("--source", metavar="NAME", help="the source name (default: the host name)")
+    p.add_argument(
+        "--source",
+        metavar="NAME",
+        help="the source name of the mount whose replica to restore (default: the name a "
+        "mount of DIR on this host uses, i.e. for restoring BACKING in place; 'fusefs status "
+        "MOUNTPOINT' shows a mount's name)",
+    )
     p.set_defaults(func=cmd_restore)
 
     p = subparsers.add_parser(
@@ -340,7 +376,11 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("backing", metavar="BACKING")
     p.add_argument("--target", metavar="HOST:PORT|ssh://[USER@]HOST/PATH", required=True)
     p.add_argument("--key-file", metavar="FILE", help="the shared secret (HOST:PORT targets)")
-    p.add_argument("--source", metavar="NAME", help="the source name (default: the host name)")
+    p.add_argument(
+        "--source",
+        metavar="NAME",
+        help="the mount's source name (default: the one a mount of BACKING on this host uses)",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser(
@@ -391,8 +431,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect(args: argparse.Namespace) -> Any:
-    return _open_target(args.target, args.key_file, _source_name(args.source))[1]
+def _source_of(args: argparse.Namespace) -> bytes:
+    """verify's/restore's source name: ``--source``, else the one a mount of BACKING (verify)
+    or DIR (restore: BACKING rebuilt in place) on this host uses."""
+    local = getattr(args, "backing", None) or args.dir
+    return _source_name(args.source, local)
+
+
+def _connect(args: argparse.Namespace) -> TargetFactory:
+    return _open_target(args.target, args.key_file, _source_of(args))[1]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -478,14 +525,25 @@ def cmd_restore(args: argparse.Namespace) -> int:
     dest = args.dir
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise ReplicaUsageError(f"{dest} must be an empty directory or not exist yet")
-    os.makedirs(dest, exist_ok=True)
-    factory = _connect(args)
-    n = _run(lambda: _restore(dest, factory))
+    created = not os.path.exists(dest)
+    try:
+        os.makedirs(dest, exist_ok=True)
+    except OSError as e:
+        raise ReplicaUsageError(f"cannot create {dest}: {e.strerror}") from None
+    try:
+        source = _source_of(args)
+        factory = _connect(args)
+        n = _run(lambda: _restore(dest, factory, source))
+    except BaseException:
+        if created:  # leave nothing behind when nothing was restored
+            with contextlib.suppress(OSError):
+                os.rmdir(dest)
+        raise
     print(f"restored {n} object(s) into {dest}")
     return 0
 
 
-async def _restore(dest: str, factory: Any) -> int:
+async def _restore(dest: str, factory: Any, source: bytes) -> int:
     from fusefs.mirror import changes as ch
     from fusefs.replica.apply import ReplicaDir
 
@@ -493,6 +551,13 @@ async def _restore(dest: str, factory: Any) -> int:
     with ReplicaDir(dest) as out:
         async with factory() as target:
             entries = await target.list_tree()
+            if len(entries) <= 1:
+                # with serve --subtree-per-source an unknown source name is an empty replica
+                raise ReplicaUsageError(
+                    f"the target holds an empty replica for source {os.fsdecode(source)!r}: "
+                    "nothing to restore (pass the mount's --source; 'fusefs status "
+                    "MOUNTPOINT' shows it)"
+                )
             for path, e in entries.items():  # parents first
                 perm = stat.S_IMODE(e.mode)
                 if path != b".":
@@ -550,9 +615,12 @@ def read_status(mountpoint: str) -> list[dict[str, Any]]:
     for d in reg.get("log_dirs", []):
         try:
             with open(os.path.join(d, "status.json")) as f:
-                out.append(json.load(f))
+                state = json.load(f)
         except (OSError, ValueError) as e:
-            out.append({"log_dir": d, "last_error": f"no status: {e}"})
+            state = {"log_dir": d, "last_error": f"no status: {e}"}
+        if "source" in reg:
+            state.setdefault("source", reg["source"])
+        out.append(state)
     return out
 
 
@@ -565,6 +633,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in states:
         age = now - float(s.get("updated", now))
         print(f"target {s.get('target', '?')} ({s.get('mode', '?')})")
+        print(f"  source         {s.get('source', '?')}")
         print(f"  connected      {'yes' if s.get('connected') else 'no'}")
         print(f"  ops pending    {s.get('ops_pending', '?')}")
         print(f"  bytes pending  {s.get('bytes_pending', '?')}")

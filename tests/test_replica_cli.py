@@ -1,0 +1,228 @@
+"""The default source name (host name and a hash of BACKING): ``verify`` finds the mount's
+replica without ``--source``, and two mounts of one host replicating to one
+``serve --subtree-per-source`` keep their own replicas and connections."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fusefs.replica.cli import default_source_name
+from tests.mounting import fusefs_env, is_mounted
+from tests.test_replica_helpers import KEY, diff_snapshots, same_tree, snapshot, wait_until_sync
+
+needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+
+# -- default source names, unit ------------------------------------------------------------------
+
+
+def test_default_source_name_is_per_backing_and_fits_the_protocol(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (tmp_path / "link").symlink_to(a)
+    host = os.uname().nodename
+    na, nb = default_source_name(str(a)), default_source_name(str(b))
+    assert na != nb and na.startswith(host + "-") and "/" not in na
+    # the same directory however it is named: verify derives what the mount derived
+    assert default_source_name(str(tmp_path / "link")) == na
+    assert default_source_name(str(a) + "/") == na
+
+    class Uname:
+        nodename = "h" * 64 + "/x"
+
+    monkeypatch.setattr(os, "uname", lambda: Uname())
+    long = default_source_name(str(a))
+    assert len(long.encode()) <= 64 and "/" not in long and long.endswith(na[-13:])
+
+
+# -- against a real fusefs serve -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def fusefs(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fusefs", *args]
+
+
+class Serve:
+    """``fusefs serve --subtree-per-source`` in a subprocess, logging to ``log``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.replica = tmp / "replica"
+        self.key_file = tmp / "key"
+        self.key_file.write_bytes(KEY)
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log = tmp / "serve.log"
+        cmd = fusefs(
+            "serve", str(self.replica), "--listen", self.target,
+            "--key-file", str(self.key_file), "--subtree-per-source", "-v",
+        )  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=fusefs_env())
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise AssertionError("fusefs serve did not start:\n" + self.log.read_text())
+            time.sleep(0.05)
+
+    def args(self) -> list[str]:
+        return ["--target", self.target, "--key-file", str(self.key_file)]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    s = Serve(tmp_path)
+    yield s
+    s.stop()
+
+
+def make_files(root: Path, sizes: list[int]) -> int:
+    """Regular files of ``sizes`` in ``root`` (and a subdirectory); their total size."""
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    for i, size in enumerate(sizes):
+        (root / ("sub" if i % 2 else ".") / f"f{i}").write_bytes(os.urandom(size))
+    os.symlink("f0", root / "link")
+    return sum(sizes)
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=fusefs_env(), timeout=60, check=False
+    )
+
+
+def test_source_errors_are_one_line(tmp_path: Path, serve: Serve) -> None:
+    backing = tmp_path / "backing"
+    make_files(backing, [10])
+    r = run(fusefs("verify", str(backing), *serve.args(), "--source", "a/b"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("fusefs: error: unusable source name 'a/b'"), r.stderr
+    # restore into a new DIR without --source: the source of a mount of DIR, which has no
+    # replica here (serve --subtree-per-source): an error, and DIR is not left behind
+    dest = tmp_path / "elsewhere"
+    r = run(fusefs("restore", str(dest), *serve.args()))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "empty replica for source" in r.stderr and "--source" in r.stderr, r.stderr
+    assert not dest.exists()
+
+
+# -- two mounts on one host, one server ----------------------------------------------------------
+
+
+class Mount:
+    """``fusefs mount -f BACKING MNT --target ...`` with the default source name."""
+
+    def __init__(self, tmp: Path, name: str, serve: Serve) -> None:
+        self.backing = tmp / f"backing-{name}"
+        self.backing.mkdir()
+        self.mountpoint = tmp / f"mnt-{name}"
+        self.mountpoint.mkdir()
+        self.log = tmp / f"mount-{name}.log"
+        cmd = fusefs(
+            "mount", "-f", str(self.backing), str(self.mountpoint), *serve.args(),
+            "--replica-log-dir", str(tmp / f"replog-{name}"),
+        )  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=fusefs_env())
+        deadline = time.monotonic() + 15
+        while not is_mounted(self.mountpoint):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise AssertionError("mount failed:\n" + self.log.read_text())
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False)
+            self.proc.kill()
+            self.proc.wait()
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_two_mounts_of_one_host_keep_their_own_replicas_and_connections(
+    tmp_path: Path, serve: Serve
+) -> None:
+    """Formerly both claimed the host name: the server dropped the older connection each time
+    (forever), and both shared (and repaired away) one replica subtree."""
+    mounts: list[Mount] = []
+    try:
+        for name in ("one", "two"):
+            mounts.append(Mount(tmp_path, name, serve))
+        for i, m in enumerate(mounts):
+            make_files(m.mountpoint / "data", [200_000 + i, 1000 * i, 3])
+            (m.mountpoint / f"only-{i}").write_text(f"mount {i}")
+        names = [default_source_name(str(m.backing)) for m in mounts]
+        assert names[0] != names[1]
+
+        def converged() -> bool:
+            return all(
+                same_tree(m.backing, serve.replica / n) for m, n in zip(mounts, names, strict=True)
+            )
+
+        try:
+            wait_until_sync(converged, 60, "both replicas to converge")
+        except AssertionError:
+            raise AssertionError(
+                "\n".join(
+                    diff_snapshots(snapshot(m.backing), snapshot(serve.replica / n))
+                    for m, n in zip(mounts, names, strict=True)
+                    if (serve.replica / n).exists()
+                )
+                + "\n--- serve log\n"
+                + serve.log.read_text()[-4000:]
+            ) from None
+        assert sorted(os.listdir(serve.replica)) == sorted(names)
+        time.sleep(2)  # churn would show by now: the back-off starts at 0.2 s
+        (mounts[0].mountpoint / "later").write_text("still connected")
+        wait_until_sync(converged, 30, "a later change to arrive")
+        log = serve.log.read_text()
+        assert "reconnected" not in log, log[-4000:]
+        assert log.count("authenticated") == 2, log[-4000:]
+        for m, n in zip(mounts, names, strict=True):
+            r = run(fusefs("status", str(m.mountpoint)))
+            assert f"source         {n}\n" in r.stdout, r.stdout + r.stderr
+            assert "connected      yes" in r.stdout, r.stdout + r.stderr
+        # verify BACKING without --source finds the mount's replica
+        for m in mounts:
+            r = run(fusefs("verify", str(m.backing), *serve.args()))
+            assert r.returncode == 0 and r.stdout == "identical\n", r.stdout + r.stderr
+    finally:
+        for m in mounts:
+            m.close()

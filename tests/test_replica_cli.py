@@ -1,10 +1,16 @@
-"""The default source name (host name and a hash of BACKING): ``verify`` finds the mount's
-replica without ``--source``, and two mounts of one host replicating to one
-``serve --subtree-per-source`` keep their own replicas and connections."""
+"""``fusefs verify`` / ``fusefs restore``: the progress line (on a real pty, against a real
+``fusefs serve``; silent without a terminal), and the default source name (host name and a
+hash of BACKING), with two mounts of one host replicating to one ``serve --subtree-per-source``.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import pty
+import re
+import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,11 +20,72 @@ from pathlib import Path
 
 import pytest
 
+from fusefs.replica import progress as pg
 from fusefs.replica.cli import default_source_name
 from tests.mounting import fusefs_env, is_mounted
 from tests.test_replica_helpers import KEY, diff_snapshots, same_tree, snapshot, wait_until_sync
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+
+# -- the progress line, unit ---------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_line_redraws_at_most_ten_times_a_second_and_ends_with_a_newline() -> None:
+    out, clock = io.StringIO(), Clock()
+    p = pg.Progress("verify", enabled=True, stream=out, clock=clock, width=200)
+    p.phase("comparing", files_total=4, bytes_total=4 << 20)
+    assert out.getvalue() == "\rverify: comparing  0/4 files  0 B/4.0 MiB\x1b[K"
+    for _ in range(5):  # within INTERVAL of the last drawing: nothing new
+        clock.now += 0.01
+        p.refresh()
+    assert out.getvalue().count("\r") == 1
+    clock.now += 1.0
+    p.advance(files=1, nbytes=1 << 20)  # 1 MiB in 1.05 s
+    line = out.getvalue().rsplit("\r", 1)[1]
+    assert "1/4 files  1.0 MiB/4.0 MiB" in line and "975.2 KiB/s  ETA 0:03" in line
+    clock.now += 0.05
+    p.partial(512 << 10)  # half of the next file, e.g. from a hashing thread
+    p.refresh()
+    assert out.getvalue().count("\r") == 2  # too soon
+    clock.now += 0.1
+    p.refresh()
+    assert "1.5 MiB/4.0 MiB" in out.getvalue().rsplit("\r", 1)[1]
+    p.advance(files=3, nbytes=3 << 20)
+    p.finish()
+    final = out.getvalue()
+    assert final.endswith("\x1b[K\n")
+    want = r"\rverify: comparing  4/4 files  4\.0 MiB/4\.0 MiB  [0-9.]+ MiB/s  in 0:01\x1b\[K\n$"
+    assert re.search(want, final), final
+    p.finish()  # once only
+    assert out.getvalue() == final
+
+
+def test_progress_off_writes_nothing_and_is_off_without_a_terminal() -> None:
+    out = io.StringIO()
+    with pg.Progress("restore", enabled=False, stream=out) as p:
+        p.phase("listing")
+        p.advance(files=3, nbytes=10)
+    assert out.getvalue() == ""
+    assert not pg.wanted(None, out)  # a StringIO is no terminal
+    assert pg.wanted(True, out) and not pg.wanted(False, sys.stderr)
+    assert pg.format_bytes(999) == "999 B" and pg.format_bytes(3 << 30) == "3.0 GiB"
+    assert pg.format_duration(3725) == "1:02:05" and pg.format_duration(65) == "1:05"
+
+
+def test_progress_line_is_cut_to_the_terminal_width() -> None:
+    out = io.StringIO()
+    p = pg.Progress("restore", enabled=True, stream=out, width=20)
+    p.phase("restoring", 100000, 1 << 40)
+    assert out.getvalue() == "\rrestore: restoring \x1b[K"  # 19 columns: never wraps
 
 
 # -- default source names, unit ------------------------------------------------------------------
@@ -108,6 +175,38 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
     s.stop()
 
 
+def run_on_pty(cmd: list[str], timeout: float = 60) -> tuple[int, str, str]:
+    """Run ``cmd`` with stderr on a pty (stdout a pipe): (status, stdout, what the pty got)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=fusefs_env()
+    )
+    os.close(slave)
+    got = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not data:
+                break
+            got += data
+        else:
+            proc.kill()
+            raise AssertionError(f"{cmd} did not finish: {got!r}")
+        out = proc.stdout.read().decode() if proc.stdout else ""
+        return proc.wait(10), out, got.decode()
+    finally:
+        os.close(master)
+        if proc.stdout:
+            proc.stdout.close()
+
+
 def make_files(root: Path, sizes: list[int]) -> int:
     """Regular files of ``sizes`` in ``root`` (and a subdirectory); their total size."""
     (root / "sub").mkdir(parents=True, exist_ok=True)
@@ -115,6 +214,62 @@ def make_files(root: Path, sizes: list[int]) -> int:
         (root / ("sub" if i % 2 else ".") / f"f{i}").write_bytes(os.urandom(size))
     os.symlink("f0", root / "link")
     return sum(sizes)
+
+
+def progress_lines(tty: str, label: str) -> list[str]:
+    """The drawings of the progress line (the pty turns "\\n" into "\\r\\n")."""
+    assert "\x1b[K" in tty, repr(tty)
+    return [d.split("\x1b[K")[0] for d in tty.split("\r") if d.startswith(f"{label}: ")]
+
+
+def test_verify_and_restore_show_progress_on_a_terminal_only(tmp_path: Path, serve: Serve) -> None:
+    backing = tmp_path / "backing"
+    sizes = [3 << 20, 5 << 20, 1, 0, 700_000]
+    total = make_files(backing, sizes)
+    source = default_source_name(str(backing))
+    # the replica a mount of BACKING would have made (no --source: the default name)
+    shutil.copytree(backing, serve.replica / source, symlinks=True)
+
+    status, out, tty = run_on_pty(fusefs("verify", str(backing), *serve.args()))
+    assert status == 0 and out == "identical\n", (out, tty)
+    lines = progress_lines(tty, "verify")
+    assert lines[0] == "verify: listing", lines
+    assert f"verify: comparing  0/{len(sizes)} files  0 B/{pg.format_bytes(total)}" in lines
+    want = f"verify: comparing  {len(sizes)}/{len(sizes)} files  " + (
+        f"{pg.format_bytes(total)}/{pg.format_bytes(total)}"
+    )
+    assert lines[-1].startswith(want) and " in 0:" in lines[-1], lines
+    assert tty.endswith(lines[-1] + "\x1b[K\r\n"), repr(tty[-200:])  # the final state, ended
+
+    dest = tmp_path / "restored"
+    status, out, tty = run_on_pty(fusefs("restore", str(dest), *serve.args(), "--source", source))
+    assert status == 0 and out.startswith("restored 8 object(s)"), (out, tty)
+    lines = progress_lines(tty, "restore")
+    assert lines[0] == "restore: listing", lines
+    want = f"restore: restoring  {len(sizes)}/{len(sizes)} files  " + (
+        f"{pg.format_bytes(total)}/{pg.format_bytes(total)}"
+    )
+    assert lines[-1].startswith(want) and " in 0:" in lines[-1], lines
+    assert tty.endswith("\x1b[K\r\n"), repr(tty[-200:])
+    assert snapshot(dest) == snapshot(backing), diff_snapshots(snapshot(dest), snapshot(backing))
+
+    # --no-progress on a terminal: nothing; --progress into a pipe: the line
+    status, out, tty = run_on_pty(fusefs("verify", str(backing), *serve.args(), "--no-progress"))
+    assert status == 0 and out == "identical\n" and tty == "", (out, tty)
+    r = run(fusefs("verify", str(backing), *serve.args(), "--progress"))
+    assert r.returncode == 0 and "verify: comparing  5/5 files" in r.stderr, r.stderr
+
+    # not a terminal: stderr stays clean (scripts, logs)
+    r = run(fusefs("verify", str(backing), *serve.args()))
+    assert r.returncode == 0 and r.stdout == "identical\n" and r.stderr == "", r.stderr
+    shutil.rmtree(dest)
+    r = run(fusefs("restore", str(dest), *serve.args(), "--source", source))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    # a difference: listed on stdout, the count on stderr, no progress there
+    (serve.replica / source / "sub" / "f1").write_bytes(b"tampered")
+    r = run(fusefs("verify", str(backing), *serve.args()))
+    assert r.returncode == 1 and r.stdout.splitlines() == ["content: sub/f1"], r.stdout
+    assert r.stderr == "1 difference(s)\n", r.stderr
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:

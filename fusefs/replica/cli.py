@@ -21,8 +21,8 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import trio
 
@@ -35,6 +35,8 @@ from fusefs.replica.client import (
     open_wire_target,
     parse_hostport,
 )
+from fusefs.replica.progress import Progress
+from fusefs.replica.progress import wanted as progress_wanted
 from fusefs.replica.server import DEFAULT_MAX_CONNECTIONS, serve
 from fusefs.replica.ssh import (
     STDIO_KEY,
@@ -44,7 +46,7 @@ from fusefs.replica.ssh import (
     parse_ssh_target,
 )
 from fusefs.replica.target import Target, TargetClosed, TargetError, TargetFactory
-from fusefs.replica.tree import checksum_fd, differences, walk
+from fusefs.replica.tree import differences, walk
 
 __all__ = [
     "FanoutSink",
@@ -61,6 +63,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("fusefs")
+T = TypeVar("T")
 
 
 class KeyFileError(FusefsError):
@@ -364,6 +367,7 @@ def add_subcommands(subparsers: Any) -> None:
         "mount of DIR on this host uses, i.e. for restoring BACKING in place; 'fusefs status "
         "MOUNTPOINT' shows a mount's name)",
     )
+    _add_progress_arguments(p)
     p.set_defaults(func=cmd_restore)
 
     p = subparsers.add_parser(
@@ -381,6 +385,7 @@ def add_subcommands(subparsers: Any) -> None:
         metavar="NAME",
         help="the mount's source name (default: the one a mount of BACKING on this host uses)",
     )
+    _add_progress_arguments(p)
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser(
@@ -392,6 +397,19 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+
+def _add_progress_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress line on stderr (default: only when stderr is a terminal)",
+    )
+
+
+def _progress(args: argparse.Namespace, label: str) -> Progress:
+    return Progress(label, enabled=progress_wanted(getattr(args, "progress", None), sys.stderr))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -449,7 +467,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     factory = _connect(args)
     for attempt in range(VERIFY_TRIES):
         try:
-            problems = _run(lambda: _verify(backing, factory))
+            with _progress(args, "verify") as progress:
+                problems = _run(lambda: _verify(backing, factory, progress))
             break
         except TargetClosed as e:  # read-only and idempotent: ask again
             if attempt == VERIFY_TRIES - 1:
@@ -470,55 +489,119 @@ def cmd_verify(args: argparse.Namespace) -> int:
 VERIFY_TRIES = 4
 
 
-def _run(fn: Any) -> Any:
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    """``trio.run(fn)``; failures become one :class:`FusefsError` (a group of one is unwrapped,
+    so e.g. a usage error raised inside a task group keeps its own message)."""
     try:
         return trio.run(fn)
-    except TargetError:
+    except FusefsError:
         raise
     except BaseExceptionGroup as e:
+        leaves = _leaves(e)
+        if len(leaves) == 1 and isinstance(leaves[0], FusefsError):
+            raise leaves[0] from None
         if e.subgroup(TargetClosed) is not None:
             raise TargetClosed(describe_error(e)) from None
         raise TargetError(describe_error(e)) from None
 
 
-async def _verify(backing: str, factory: Any) -> list[str]:
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+async def _verify(backing: str, factory: TargetFactory, progress: Progress) -> list[str]:
     fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        ours = {e.path: e for e in await trio.to_thread.run_sync(lambda: list(walk(fd)))}
-        async with factory() as target:
-            theirs = await target.list_tree()
-            owners = os.geteuid() == 0
-            out = []
-            for d in differences(ours, theirs, owners=owners):
-                out.append(f"{d.kind}: {os.fsdecode(d.path)}")
-            # same size and mtime is not enough here: compare every regular file's contents
-            for path, s in ours.items():
-                r = theirs.get(path)
-                if r is None or not stat.S_ISREG(s.mode) or not stat.S_ISREG(r.mode):
-                    continue
-                if s.size != r.size:
-                    continue  # already listed
-                if not await _same_content(fd, target, path, s.size):
-                    line = f"content: {os.fsdecode(path)}"
-                    if line not in out:
-                        out.append(line)
-            return out
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(progress.ticker)
+            out = await _compare(fd, factory, progress)
+            nursery.cancel_scope.cancel()
+        return out
     finally:
         os.close(fd)
 
 
-async def _same_content(dir_fd: int, target: Target, path: bytes, size: int) -> bool:
+async def _compare(fd: int, factory: TargetFactory, progress: Progress) -> list[str]:
+    progress.phase("listing")
+
+    def listing() -> dict[bytes, w.Entry]:
+        ours = {}
+        for e in walk(fd):
+            ours[e.path] = e
+            progress.advance(files=1)
+        return ours
+
+    ours = await trio.to_thread.run_sync(listing)
+    async with factory() as target:
+        theirs = await target.list_tree()
+        owners = os.geteuid() == 0
+        out = []
+        for d in differences(ours, theirs, owners=owners):
+            out.append(f"{d.kind}: {os.fsdecode(d.path)}")
+        # same size and mtime is not enough here: compare every regular file's contents
+        todo = []
+        for path, s in ours.items():
+            r = theirs.get(path)
+            if r is None or not stat.S_ISREG(s.mode) or not stat.S_ISREG(r.mode):
+                continue
+            if s.size == r.size:  # else already listed
+                todo.append((path, s.size))
+        progress.phase("comparing", len(todo), sum(size for _, size in todo))
+        for path, size in todo:
+            if not await _same_content(fd, target, path, size, progress):
+                line = f"content: {os.fsdecode(path)}"
+                if line not in out:
+                    out.append(line)
+            progress.advance(files=1, nbytes=size)
+        return out
+
+
+async def _same_content(
+    dir_fd: int, target: Target, path: bytes, size: int, progress: Progress
+) -> bool:
     bs = max(size, 1)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return False
+    theirs: list[tuple[bool, int, tuple[bytes, ...]]] = []
+
+    async def remote() -> None:
+        theirs.append(await target.checksum(path, bs))
+
     try:
-        _, ours = await trio.to_thread.run_sync(checksum_fd, fd, bs)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(remote)  # the server hashes its copy while we hash ours
+            ours = await trio.to_thread.run_sync(_checksum_blocks, fd, bs, progress.partial)
     finally:
         os.close(fd)
-    found, _, theirs = await target.checksum(path, bs)
-    return found and theirs == ours
+    found, _, digests = theirs[0]
+    return found and digests == ours
+
+
+def _checksum_blocks(fd: int, block_size: int, report: Callable[[int], None]) -> tuple[bytes, ...]:
+    """What :func:`fusefs.replica.tree.checksum_fd` computes (the server runs that), calling
+    ``report(bytes read)`` after every MiB so that a large file moves the progress line."""
+    size = os.fstat(fd).st_size
+    digests: list[bytes] = []
+    off = 0
+    while off < size or not digests:
+        h = hashlib.sha256()
+        end = min(off + block_size, size)
+        pos = off
+        while pos < end:
+            buf = os.pread(fd, min(1 << 20, end - pos), pos)
+            if not buf:
+                break
+            h.update(buf)
+            pos += len(buf)
+            report(pos)
+        digests.append(h.digest())
+        off += block_size
+    return tuple(digests)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -533,7 +616,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     try:
         source = _source_of(args)
         factory = _connect(args)
-        n = _run(lambda: _restore(dest, factory, source))
+        with _progress(args, "restore") as progress:
+            n = _run(lambda: _restore(dest, factory, progress, source))
     except BaseException:
         if created:  # leave nothing behind when nothing was restored
             with contextlib.suppress(OSError):
@@ -543,13 +627,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _restore(dest: str, factory: Any, source: bytes) -> int:
+async def _restore(dest: str, factory: TargetFactory, progress: Progress, source: bytes) -> int:
     from fusefs.mirror import changes as ch
     from fusefs.replica.apply import ReplicaDir
 
+    receiving = -1  # the fd of the file being received: the ticker shows its size
+
+    def poll() -> None:
+        if receiving >= 0:
+            with contextlib.suppress(OSError):
+                progress.partial(os.fstat(receiving).st_size)
+
     count = 0
     with ReplicaDir(dest) as out:
-        async with factory() as target:
+        async with factory() as target, trio.open_nursery() as nursery:
+            nursery.start_soon(progress.ticker, poll)
+            progress.phase("listing")
             entries = await target.list_tree()
             if len(entries) <= 1:
                 # with serve --subtree-per-source an unknown source name is an empty replica
@@ -558,6 +651,8 @@ async def _restore(dest: str, factory: Any, source: bytes) -> int:
                     "nothing to restore (pass the mount's --source; 'fusefs status "
                     "MOUNTPOINT' shows it)"
                 )
+            files = [e for e in entries.values() if stat.S_ISREG(e.mode)]
+            progress.phase("restoring", len(files), sum(e.size for e in files))
             for path, e in entries.items():  # parents first
                 perm = stat.S_IMODE(e.mode)
                 if path != b".":
@@ -567,8 +662,9 @@ async def _restore(dest: str, factory: Any, source: bytes) -> int:
                         out.apply(ch.Create(path, perm, e.uid, e.gid))
                         fd = out.open_for_write(path)
                         assert fd is not None
+                        receiving = fd
+                        off = 0
                         try:
-                            off = 0
                             while off < e.size:
                                 n = await target.read_range(
                                     path, off, min(w.MAX_DATA, e.size - off), fd
@@ -577,7 +673,9 @@ async def _restore(dest: str, factory: Any, source: bytes) -> int:
                                     break
                                 off += n
                         finally:
+                            receiving = -1
                             os.close(fd)
+                        progress.advance(files=1, nbytes=off)
                     elif stat.S_ISLNK(e.mode):
                         out.apply(ch.Symlink(path, e.target, e.uid, e.gid))
                     else:
@@ -596,6 +694,7 @@ async def _restore(dest: str, factory: Any, source: bytes) -> int:
                         mtime_ns=e.mtime_ns,
                     )
                 )
+            nursery.cancel_scope.cancel()
     return count
 
 

@@ -381,3 +381,28 @@ def test_two_mounts_of_one_host_keep_their_own_replicas_and_connections(
     finally:
         for m in mounts:
             m.close()
+
+
+def test_max_lag_reaches_the_sink_and_bad_sizes_are_refused(tmp_path: Path) -> None:
+    """--max-lag parses K/M/G sizes into the sink's bound; a bad size is a usage error."""
+    from fusefs.cli import build_parser
+    from fusefs.replica.cli import close_sink, make_sink
+
+    key = tmp_path / "key"
+    key.write_bytes(KEY)
+    backing = tmp_path / "b"
+    backing.mkdir()
+    parser = build_parser()
+    base = ["mount", str(backing), str(tmp_path / "m"), "--target", "127.0.0.1:9"]
+    base += ["--key-file", str(key), "--replica-log-dir", str(tmp_path / "log")]
+    for text, value in (("512M", 512 << 20), ("2g", 2 << 30), ("0", 0), ("1000", 1000)):
+        args = parser.parse_args([*base, "--max-lag", text])
+        assert args.max_lag == value
+    sink = make_sink(parser.parse_args([*base, "--max-lag", "3M"]), str(backing))
+    try:
+        assert sink is not None and sink.status()["max_lag_bytes"] == 3 << 20  # type: ignore[attr-defined]
+    finally:
+        close_sink(sink, str(tmp_path / "m"))
+    for bad in ("12Q", "-1M", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--max-lag", bad])

@@ -30,6 +30,7 @@ from fusefs.errors import FusefsError
 from fusefs.mirror.changes import Change, ChangeSink
 from fusefs.replica import wire as w
 from fusefs.replica.client import (
+    DEFAULT_MAX_LAG,
     ReplicationSink,
     describe_error,
     open_wire_target,
@@ -46,7 +47,7 @@ from fusefs.replica.ssh import (
     parse_ssh_target,
 )
 from fusefs.replica.target import Target, TargetClosed, TargetError, TargetFactory
-from fusefs.replica.tree import differences, walk
+from fusefs.replica.tree import checksum_fd, differences, walk
 
 __all__ = [
     "FanoutSink",
@@ -93,6 +94,22 @@ def read_key(path: str) -> bytes:
     if len(key) < 16:
         raise KeyFileError(f"key file {path} holds fewer than 16 bytes; use a longer secret")
     return key
+
+
+def _size(text: str) -> int:
+    """``--max-lag``: bytes, with an optional K/M/G/T suffix (powers of 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if t and t[-1] in "KMGT":
+        scale = 1 << (10 * ("KMGT".index(t[-1]) + 1))
+        t = t[:-1]
+    try:
+        n = int(float(t) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G, 0)") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G, 0)")
+    return n
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -194,6 +211,15 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
         "one subdirectory per target)",
     )
     g.add_argument(
+        "--max-lag",
+        metavar="SIZE",
+        type=_size,
+        default=DEFAULT_MAX_LAG,
+        help="async mode: while a target is connected, hold the mount's writes back once "
+        "this much written data is not yet on it (K, M, G suffixes; 0: never; "
+        f"default {DEFAULT_MAX_LAG >> 30}G)",
+    )
+    g.add_argument(
         "--source",
         metavar="NAME",
         help="this mount's name on the target, its directory there with 'serve "
@@ -281,7 +307,14 @@ def make_sink(args: argparse.Namespace, backing: str) -> ChangeSink | None:
             log_dir = os.path.join(args.replica_log_dir, name.replace(":", "_").replace("/", "_"))
         else:
             log_dir = default_log_dir(backing, name)
-        sink = ReplicationSink(backing, log_dir, factory, name=name, mode=mode)
+        sink = ReplicationSink(
+            backing,
+            log_dir,
+            factory,
+            name=name,
+            mode=mode,
+            max_lag_bytes=getattr(args, "max_lag", DEFAULT_MAX_LAG),
+        )
         sink.start()
         sinks.append(sink)
     mountpoint = getattr(args, "mountpoint", None)
@@ -575,33 +608,11 @@ async def _same_content(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(remote)  # the server hashes its copy while we hash ours
-            ours = await trio.to_thread.run_sync(_checksum_blocks, fd, bs, progress.partial)
+            _, ours = await trio.to_thread.run_sync(checksum_fd, fd, bs, progress.partial)
     finally:
         os.close(fd)
     found, _, digests = theirs[0]
     return found and digests == ours
-
-
-def _checksum_blocks(fd: int, block_size: int, report: Callable[[int], None]) -> tuple[bytes, ...]:
-    """What :func:`fusefs.replica.tree.checksum_fd` computes (the server runs that), calling
-    ``report(bytes read)`` after every MiB so that a large file moves the progress line."""
-    size = os.fstat(fd).st_size
-    digests: list[bytes] = []
-    off = 0
-    while off < size or not digests:
-        h = hashlib.sha256()
-        end = min(off + block_size, size)
-        pos = off
-        while pos < end:
-            buf = os.pread(fd, min(1 << 20, end - pos), pos)
-            if not buf:
-                break
-            h.update(buf)
-            pos += len(buf)
-            report(pos)
-        digests.append(h.digest())
-        off += block_size
-    return tuple(digests)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fusefs.replica.wire import MAX_NAME, MAX_XATTR_VALUE, Entry
@@ -131,8 +131,11 @@ def _walk_dir(dfd: int, prefix: bytes, skip: frozenset[bytes]) -> Iterator[Entry
                 os.close(sub)
 
 
-def checksum_fd(fd: int, block_size: int) -> tuple[int, tuple[bytes, ...]]:
-    """(size, SHA-256 of each ``block_size`` block) of the open regular file ``fd``."""
+def checksum_fd(
+    fd: int, block_size: int, report: Callable[[int], None] | None = None
+) -> tuple[int, tuple[bytes, ...]]:
+    """(size, SHA-256 of each ``block_size`` block) of the open regular file ``fd``;
+    ``report(bytes read so far)`` after every MiB moves a progress line (``fusefs verify``)."""
     size = os.fstat(fd).st_size
     digests: list[bytes] = []
     off = 0
@@ -147,6 +150,8 @@ def checksum_fd(fd: int, block_size: int) -> tuple[int, tuple[bytes, ...]]:
                 break
             h.update(buf)
             pos += len(buf)
+            if report is not None:
+                report(pos)
         digests.append(h.digest())
         off += block_size
         if size == 0:

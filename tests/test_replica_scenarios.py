@@ -31,6 +31,7 @@ from tests.reliability_ops import (
     renameat2,
 )
 from tests.test_replica_helpers import (
+    CONVERGE,
     KEY,
     LinksDiffer,
     Mounted,
@@ -38,8 +39,13 @@ from tests.test_replica_helpers import (
     assert_replication_clean,
     assert_same_tree,
     converge,
+    diff_snapshots,
     link_groups,
+    replication_status,
     run_cli,
+    settled_status,
+    snapshot,
+    wait_until_sync,
 )
 
 pytestmark = [
@@ -419,3 +425,64 @@ test_repair_keeps_hard_links = pytest.mark.xfail(
     "(fusefs/replica/client.py ReplicationSink._create: Create + data per path, never Link; "
     "tree.entry_of/wire Entry carry no inode or link count): d/f and g become two files",
 )(test_repair_keeps_hard_links)
+
+
+class ReplicaDiverged(AssertionError):
+    """The replica settled (nothing pending, no repair to come) with contents unlike
+    BACKING's; a class of its own for the xfail of the test below."""
+
+
+def test_replayed_exchange_of_look_alike_files_converges(env: Env) -> None:
+    """A RENAME_EXCHANGE that the server applied but did not acknowledge as durable before
+    it was killed is sent again after the restart, and applied twice it swaps the files
+    back.  The client repairs by comparison after a replay, but that compares regular files
+    by size and mtime: two files of one size and one mtime (as ``cp -a``, ``rsync`` or
+    ``tar`` leave them) swapped back look unchanged, and the replica keeps them swapped.
+
+    The kill must land between the apply and the durable acknowledgement (the SYNC follows
+    20 ms after the queue drained): the test watches the replica for the exchange and kills
+    the server at once, and retries when the status shows the acknowledgement came first."""
+    serve = env.serve()
+    m = Mounted(env.tmp, env.backing, serve)
+    mnt, rep = m.mountpoint, serve.replica
+    same_mtime = 1_500_000_000_000_000_000
+    try:
+        for attempt in range(6):
+            a, b = f"a{attempt}", f"b{attempt}"
+            (mnt / a).write_bytes(blob(10 + attempt, 8192))
+            (mnt / b).write_bytes(blob(20 + attempt, 8192))
+            for name in (a, b):
+                os.utime(mnt / name, ns=(same_mtime, same_mtime))
+            settled_status(m)
+            assert (rep / a).read_bytes() == blob(10 + attempt, 8192)
+            inode = os.lstat(rep / a).st_ino
+            renameat2(str(mnt / a), str(mnt / b), RENAME_EXCHANGE)
+            wait_until_sync(lambda: os.lstat(rep / a).st_ino != inode, 10, "the exchange")  # noqa: B023
+            serve.kill9()
+            wait_until_sync(
+                lambda: not replication_status(mnt)[0]["connected"], 10, "the disconnect"
+            )
+            replayed = replication_status(mnt)[0]["ops_pending"] > 0
+            serve.start()
+            if replayed:
+                break
+        else:
+            pytest.skip("the durable acknowledgement came before the kill every time")
+        settled_status(m, timeout=CONVERGE)
+        states = replication_status(mnt)
+        assert states[0]["failed_changes"] == 0, states
+        sa, sb = snapshot(env.backing), snapshot(rep)
+        if sa != sb:
+            raise ReplicaDiverged(diff_snapshots(sa, sb) + m.logs())
+    finally:
+        m.close()
+
+
+test_replayed_exchange_of_look_alike_files_converges = pytest.mark.xfail(
+    strict=True,
+    raises=ReplicaDiverged,
+    reason="a replayed RENAME_EXCHANGE swaps the files back (fusefs/replica/apply.py "
+    "ReplicaDir.apply, case Rename: renameat2 applied again), and the repair after a replay "
+    "(fusefs/replica/client.py _session sets needs_repair) compares files by size and mtime "
+    "only (fusefs/replica/tree.py differences): equal sizes and mtimes hide the swap",
+)(test_replayed_exchange_of_look_alike_files_converges)

@@ -95,12 +95,14 @@ async def _sink(tmp: Path, controls: Controls, mode: str, **kw: int) -> Replicat
 async def test_replayed_exchange_after_a_lost_connection_is_repaired(tmp_path: Path) -> None:
     """A RENAME_EXCHANGE the replica applied but never acknowledged as durable is sent again
     after the reconnect; applied twice it swaps the files back, so the client compares the
-    trees after any replay (fails without that: the replica keeps a and b swapped)."""
+    trees after any replay, by checksum where a replayed rename touched (fails without either:
+    the replica keeps a and b swapped, and their size and mtime alone do not show it)."""
     controls = Controls()
     sink = await _sink(tmp_path, controls, "async")
     b = tmp_path / "backing"
     try:
-        for name, data, mtime in ((b"a", b"A" * 4000, 1_000_000_000), (b"b", b"B" * 4000, 2 << 30)):
+        # look-alikes, as cp -a leaves them: same size, same mtime; only the bytes differ
+        for name, data, mtime in ((b"a", b"A" * 4000, 1 << 30), (b"b", b"B" * 4000, 1 << 30)):
             (b / name.decode()).write_bytes(data)
             os.utime(b / name.decode(), ns=(mtime, mtime))
             await sink.record(ch.Create(name, 0o644, 0, 0))

@@ -435,9 +435,9 @@ class ReplicaDiverged(AssertionError):
 def test_replayed_exchange_of_look_alike_files_converges(env: Env) -> None:
     """A RENAME_EXCHANGE that the server applied but did not acknowledge as durable before
     it was killed is sent again after the restart, and applied twice it swaps the files
-    back.  The client repairs by comparison after a replay, but that compares regular files
-    by size and mtime: two files of one size and one mtime (as ``cp -a``, ``rsync`` or
-    ``tar`` leave them) swapped back look unchanged, and the replica keeps them swapped.
+    back.  The client repairs by comparison after a replay; comparing regular files by size
+    and mtime alone, two files of one size and one mtime (as ``cp -a``, ``rsync`` or ``tar``
+    leave them) swapped back look unchanged, so it checksums what replayed renames touched.
 
     The kill must land between the apply and the durable acknowledgement (the SYNC follows
     20 ms after the queue drained): the test watches the replica for the exchange and kills
@@ -477,12 +477,3 @@ def test_replayed_exchange_of_look_alike_files_converges(env: Env) -> None:
     finally:
         m.close()
 
-
-test_replayed_exchange_of_look_alike_files_converges = pytest.mark.xfail(
-    strict=True,
-    raises=ReplicaDiverged,
-    reason="a replayed RENAME_EXCHANGE swaps the files back (fusefs/replica/apply.py "
-    "ReplicaDir.apply, case Rename: renameat2 applied again), and the repair after a replay "
-    "(fusefs/replica/client.py _session sets needs_repair) compares files by size and mtime "
-    "only (fusefs/replica/tree.py differences): equal sizes and mtimes hide the swap",
-)(test_replayed_exchange_of_look_alike_files_converges)

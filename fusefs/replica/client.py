@@ -490,6 +490,9 @@ class ReplicationSink:
         self._repaired_seq = 0
         #: repair at the next idle moment, without waiting out REPAIR_INTERVAL
         self._repair_now = False
+        #: paths (and everything under them) the next repair compares by checksum even when
+        #: size and mtime agree: the names replayed renames touched
+        self._recheck: set[bytes] = set()
         #: a comparison is under way
         self.repairing = False
         self._durable_acks = trio.Event()
@@ -833,8 +836,13 @@ class ReplicationSink:
                 # idempotent (applied twice, RENAME_EXCHANGE swaps back; a plain rename moves
                 # whatever took the old name since): compare the trees once replayed, and
                 # until then count them as failed (a sync barrier waits for that repair).
+                # Files that swapped names often look alike (same size and mtime after cp -a
+                # or tar), so the comparison checksums every file a replayed rename touched.
                 self.needs_repair = self._repair_now = True
                 self._failed_seq = max(self._failed_seq, self._inflight[-1].seq)
+                for e in self._inflight:
+                    if isinstance(e.change, Rename):
+                        self._recheck.update((e.change.old, e.change.new))
             self._unsent_bytes += sum(e.nbytes for e in self._inflight)
             self._unsent.extendleft(reversed(self._inflight))
             self._inflight.clear()
@@ -1050,9 +1058,12 @@ class ReplicationSink:
         # every change logged so far is applied to BACKING, so the comparison covers it
         covers = self.log.last_seq
         failed_before = self.failed_changes
+        recheck, self._recheck = self._recheck, set()
         theirs = await target.list_tree()
         ours = await trio.to_thread.run_sync(self._list_backing)
         diffs = differences(ours, theirs, owners=self._is_root)
+        if recheck:
+            diffs += _rechecks(ours, theirs, recheck, {d.path for d in diffs})
         seq = self.sent_seq
         fixed = 0
         for d in diffs:
@@ -1223,6 +1234,26 @@ class ReplicationSink:
             os.replace(tmp, self.status_path)
         except OSError as e:
             log.debug("cannot write %s: %s", self.status_path, e)
+
+
+def _rechecks(
+    ours: dict[bytes, w.Entry], theirs: dict[bytes, w.Entry], paths: set[bytes], seen: set[bytes]
+) -> list[Difference]:
+    """Regular files at or under ``paths`` on both sides, not already in ``seen``, as
+    "content" differences: :meth:`ReplicationSink._fix` then compares them block by block."""
+    prefixes = tuple(p + b"/" for p in paths)
+    out = []
+    for p, s in ours.items():
+        r = theirs.get(p)
+        if (
+            p not in seen
+            and (p in paths or p.startswith(prefixes))
+            and stat.S_ISREG(s.mode)
+            and r is not None
+            and stat.S_ISREG(r.mode)
+        ):
+            out.append(Difference(p, "content", s, r))
+    return out
 
 
 def _close_quietly(fd: int) -> None:

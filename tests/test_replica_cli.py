@@ -383,7 +383,7 @@ def test_two_mounts_of_one_host_keep_their_own_replicas_and_connections(
             m.close()
 
 
-def test_max_lag_reaches_the_sink_and_bad_sizes_are_refused(tmp_path: Path) -> None:
+def test_max_lag_and_sync_timeout_parse_and_bad_values_are_refused(tmp_path: Path) -> None:
     """--max-lag parses K/M/G sizes into the sink's bound; a bad size is a usage error."""
     from fusefs.cli import build_parser
     from fusefs.replica.cli import close_sink, make_sink
@@ -406,3 +406,8 @@ def test_max_lag_reaches_the_sink_and_bad_sizes_are_refused(tmp_path: Path) -> N
     for bad in ("12Q", "-1M", ""):
         with pytest.raises(SystemExit):
             parser.parse_args([*base, "--max-lag", bad])
+    assert parser.parse_args([*base, "--sync-timeout", "2.5"]).sync_timeout == 2.5
+    assert parser.parse_args(base).sync_timeout is None
+    for bad in ("0", "-3", "soon", "inf"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--sync-timeout", bad])

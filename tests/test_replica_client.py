@@ -4,6 +4,7 @@ network): replays after a lost connection and failed changes under sync replicat
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import threading
 import time
@@ -83,7 +84,7 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-async def _sink(tmp: Path, controls: Controls, mode: str, **kw: int) -> ReplicationSink:
+async def _sink(tmp: Path, controls: Controls, mode: str, **kw: float) -> ReplicationSink:
     (tmp / "backing").mkdir()
     sink = ReplicationSink(
         tmp / "backing", tmp / "log", flaky_factory(tmp / "replica", controls), mode=mode, **kw
@@ -217,6 +218,36 @@ async def test_a_stuck_target_does_not_hang_the_writer(
         assert not t.is_alive()
         assert time.monotonic() - started < 5
         assert "no durable progress" in (sink.status()["last_error"] or "")
+    finally:
+        controls.durable = True
+        await trio.to_thread.run_sync(sink.close, 0)
+
+
+async def test_sync_timeout_fails_the_barrier_with_eio_and_keeps_the_change(
+    tmp_path: Path,
+) -> None:
+    """--sync-timeout: a barrier the target does not confirm in time raises EIO (what fsync
+    and close then return); the change stays pending and reaches the target afterwards."""
+    controls = Controls()
+    sink = await _sink(tmp_path, controls, "sync", sync_timeout=0.5)
+    b = tmp_path / "backing"
+    try:
+        await _initial_sync_done(sink)
+        controls.durable = False
+        (b / "f").write_bytes(b"late")
+        await sink.record(ch.Create(b"f", 0o644, 0, 0))
+        await sink.record(ch.Write(b"f", 0, 4))
+        started = time.monotonic()
+        with pytest.raises(OSError) as failed:
+            await sink.barrier()
+        assert failed.value.errno == errno.EIO
+        assert 0.4 < time.monotonic() - started < 5
+        assert sink.status()["sync_timeouts"] == 1
+        assert "not durable" in (sink.status()["last_error"] or "")
+        controls.durable = True
+        with trio.fail_after(15):
+            await sink.barrier()
+        assert (tmp_path / "replica/f").read_bytes() == b"late"
     finally:
         controls.durable = True
         await trio.to_thread.run_sync(sink.close, 0)

@@ -112,6 +112,17 @@ def _size(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    """``--sync-timeout``: a positive number of seconds."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return v
+
+
 def _hostport(text: str) -> tuple[str, int]:
     try:
         return parse_hostport(text)
@@ -209,6 +220,14 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"where the log of unacknowledged changes lives (default: under {_state_dir()}; "
         "one subdirectory per target)",
+    )
+    g.add_argument(
+        "--sync-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        help="sync mode: fail fsync and close with EIO when the targets have not confirmed "
+        "within SECONDS (the change still reaches them later); default: wait as long as it "
+        "takes",
     )
     g.add_argument(
         "--max-lag",
@@ -314,6 +333,7 @@ def make_sink(args: argparse.Namespace, backing: str) -> ChangeSink | None:
             name=name,
             mode=mode,
             max_lag_bytes=getattr(args, "max_lag", DEFAULT_MAX_LAG),
+            sync_timeout=getattr(args, "sync_timeout", None),
         )
         sink.start()
         sinks.append(sink)

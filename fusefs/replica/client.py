@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -435,12 +436,16 @@ class ReplicationSink:
         mode: str = "async",
         repair_at_start: bool = True,
         max_lag_bytes: int = DEFAULT_MAX_LAG,
+        sync_timeout: float | None = None,
     ) -> None:
         if mode not in ("async", "sync"):
             raise ValueError(f"replication mode must be async or sync, not {mode!r}")
         #: while connected, ``record()`` holds the mount back once this many written bytes
         #: are not yet durable on the target (0: never; see :meth:`_hold_back`)
         self.max_lag_bytes = max_lag_bytes
+        #: sync mode: a barrier that waits longer fails (EIO for the fsync/close); None: wait
+        self.sync_timeout = sync_timeout
+        self.sync_timeouts = 0
         #: the target made no durable progress for LAG_STALL while the mount was held back:
         #: stop holding back until it does (a hung peer must not hang the mount)
         self._stalled = False
@@ -675,7 +680,19 @@ class ReplicationSink:
         if self._failed_seq > self._repaired_seq:
             self._repair_now = True
         self._wake()
-        await trio.to_thread.run_sync(self._wait_durable, seq, None, abandon_on_cancel=True)
+        if await trio.to_thread.run_sync(
+            self._wait_durable, seq, self.sync_timeout, abandon_on_cancel=True
+        ):
+            return
+        if self._closed:
+            return
+        # The change stays in the log and reaches the target later; the caller learns that
+        # it is not there now, as from a soft NFS mount.
+        self.sync_timeouts += 1
+        message = f"not durable on {self.name} within {self.sync_timeout:g} s"
+        self._note_error(f"sync: {message}")
+        log.warning("replication: fsync/close failed with EIO: %s", message)
+        raise OSError(errno.EIO, message)
 
     def _holds(self, seq: int) -> bool:
         """The target holds every change up to ``seq`` durably, failed ones repaired."""
@@ -1219,6 +1236,7 @@ class ReplicationSink:
             "needs_repair": self.needs_repair or self.repairing,
             "failed_changes": self.failed_changes,
             "max_lag_bytes": self.max_lag_bytes,
+            "sync_timeouts": self.sync_timeouts,
             "held_back_seconds": round(self.held_back_seconds, 3),
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,

@@ -25,6 +25,7 @@ import enum
 import hashlib
 import hmac
 import secrets
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Final
@@ -55,11 +56,15 @@ __all__ = [
     "E_PROTOCOL",
     "E_VERSION",
     "MAGIC",
+    "MAX_CHECKSUM_BLOCKS",
     "MAX_DATA",
     "MAX_FRAME",
+    "MAX_ID",
     "MAX_NAME",
+    "MAX_OFFSET",
     "MAX_PATH",
     "MAX_PREAUTH_FRAME",
+    "MAX_RDEV",
     "MAX_XATTR_VALUE",
     "NEED_DATA",
     "VERSION",
@@ -85,6 +90,7 @@ __all__ = [
     "Role",
     "Sync",
     "WireError",
+    "check_change",
     "decode_change",
     "encode_change",
 ]
@@ -105,6 +111,19 @@ MAX_XATTR_VALUE: Final = 65536
 MAX_DATA: Final = 64 << 20
 #: Largest source name carried by HELLO.
 MAX_SOURCE: Final = 64
+#: Largest file offset, size, or end of a range (``off_t``; Linux's MAX_LFS_FILESIZE).
+MAX_OFFSET: Final = (1 << 63) - 1
+#: Largest uid or gid (``(uid_t) -1`` means "unchanged" to chown, never an owner).
+MAX_ID: Final = (1 << 32) - 2
+#: Largest device number (mknod(2) takes 32 bits).
+MAX_RDEV: Final = (1 << 32) - 1
+#: Most blocks a CHECKSUM may cover, and digests a CHECKSUM_REPLY may carry (the client asks
+#: for at most 16384, see tree.block_size_for; a reply of this many fits a frame).
+MAX_CHECKSUM_BLOCKS: Final = 16384
+#: renameat2 flags: NOREPLACE, EXCHANGE, WHITEOUT.
+RENAME_FLAGS: Final = 0b111
+#: fallocate(2) mode bits: KEEP_SIZE .. UNSHARE_RANGE.
+FALLOC_FLAGS: Final = 0x7F
 NONCE_SIZE: Final = 32
 MAC_SIZE: Final = 32
 
@@ -468,6 +487,68 @@ def _i64(v: int) -> bytes:
     return struct.pack(">q", v)
 
 
+def _range(offset: int, length: int, what: str) -> None:
+    """``offset`` and ``length`` >= 0 and the range ends within a file (no overflow later)."""
+    if offset < 0 or length < 0 or offset + length > MAX_OFFSET:
+        raise WireError(f"{what} range {offset}+{length} is out of bounds")
+
+
+def _perm(mode: int) -> None:
+    if not 0 <= mode <= 0o7777:
+        raise WireError(f"mode {mode:#o} has bits beyond the permission bits")
+
+
+def _ids(uid: int | None, gid: int | None) -> None:
+    for v in (uid, gid):
+        if v is not None and not 0 <= v <= MAX_ID:
+            raise WireError(f"owner id {v} out of range")
+
+
+_MKNOD_TYPES: Final = frozenset(
+    (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFREG)
+)
+
+
+def check_change(c: Change) -> None:
+    """Raise WireError unless every field of ``c`` is in the range the replica can apply.
+
+    The codec calls it on both ends, so a peer's value never reaches a system call that
+    would reject it with anything but an OSError (e.g. OverflowError for ``ftruncate(2**63)``).
+    """
+    match c:
+        case Create(_, mode, uid, gid) | Mkdir(_, mode, uid, gid):
+            _perm(mode)
+            _ids(uid, gid)
+        case Mknod(_, mode, rdev, uid, gid):
+            if stat.S_IFMT(mode) not in _MKNOD_TYPES or mode & ~(stat.S_IFMT(mode) | 0o7777):
+                raise WireError(f"mknod mode {mode:#o} is not a node type and permissions")
+            if not 0 <= rdev <= MAX_RDEV:
+                raise WireError(f"device number {rdev} out of range")
+            _ids(uid, gid)
+        case Symlink(_, _, uid, gid):
+            _ids(uid, gid)
+        case Rename(_, _, flags):
+            if flags & ~RENAME_FLAGS or flags < 0:
+                raise WireError(f"unknown rename flags {flags:#x}")
+        case Write(_, offset, size):
+            _range(offset, size, "write")
+        case Truncate(_, size):
+            _range(size, 0, "truncate")
+        case Fallocate(_, mode, offset, length):
+            if mode & ~FALLOC_FLAGS or mode < 0:
+                raise WireError(f"unknown fallocate mode {mode:#x}")
+            if length < 1:
+                raise WireError("fallocate of an empty range")
+            _range(offset, length, "fallocate")
+        case SetAttr(_, mode, uid, gid, atime_ns, mtime_ns):
+            if mode is not None:
+                _perm(mode)
+            _ids(uid, gid)
+            for t in (atime_ns, mtime_ns):  # any i64 is a valid time (the kernel clamps)
+                if t is not None and not -(1 << 63) <= t < (1 << 63):
+                    raise WireError(f"time {t} out of range for i64")
+
+
 _WRITE_TAG = _CHANGE_TAGS[Write]
 _WRITE_HEAD = struct.Struct(">BH")
 _WRITE_TAIL = struct.Struct(">QQ")
@@ -481,13 +562,15 @@ def encode_change(c: Change) -> bytes:
             p
             and len(p) <= MAX_PATH
             and b"\x00" not in p
-            and 0 <= offset <= _U64
-            and 0 <= size <= _U64
+            and offset >= 0
+            and size >= 0
+            and offset + size <= MAX_OFFSET
         ):
             return _WRITE_HEAD.pack(_WRITE_TAG, len(p)) + p + _WRITE_TAIL.pack(offset, size)
     tag = _CHANGE_TAGS.get(type(c))
     if tag is None:
         raise WireError(f"not a change: {c!r}")
+    check_change(c)
     out = [bytes([tag])]
     match c:
         case Create(path, mode, uid, gid) | Mkdir(path, mode, uid, gid):
@@ -523,6 +606,12 @@ def encode_change(c: Change) -> bytes:
 
 
 def _read_change(r: _Reader) -> Change:
+    c = _read_change_fields(r)
+    check_change(c)
+    return c
+
+
+def _read_change_fields(r: _Reader) -> Change:
     tag = r.u8()
     if tag in (1, 2):
         p = r.path()
@@ -579,7 +668,15 @@ def decode_change(buf: bytes) -> Change:
 # -- entries -----------------------------------------------------------------------------------
 
 
+def _check_entry(e: Entry) -> None:
+    if not 0 <= e.mode <= 0xFFFF:
+        raise WireError(f"entry mode {e.mode:#o} out of range")
+    _ids(e.uid, e.gid)
+    _range(e.size, 0, "entry size")
+
+
 def _encode_entry(e: Entry) -> bytes:
+    _check_entry(e)
     out = [
         _path_out(e.path),
         _u32(e.mode),
@@ -603,7 +700,9 @@ def _read_entry(r: _Reader) -> Entry:
     target = r.blob(MAX_PATH, "symlink target")
     n = r.u16()
     xattrs = tuple((r.name(), r.blob(MAX_XATTR_VALUE, "xattr value", wide=True)) for _ in range(n))
-    return Entry(path, mode, uid, gid, size, mtime, rdev, target, xattrs)
+    e = Entry(path, mode, uid, gid, size, mtime, rdev, target, xattrs)
+    _check_entry(e)
+    return e
 
 
 def entry_size(e: Entry) -> int:
@@ -634,8 +733,7 @@ def _payload(ev: Event) -> tuple[_T, bytes]:
         case Op(seq, change):
             return _T.OP, _u64(seq) + encode_change(change)
         case Data(seq, path, offset, length):
-            if length > MAX_DATA:
-                raise WireError(f"DATA of {length} bytes exceeds the limit of {MAX_DATA}")
+            _data_range(offset, length, "DATA")
             return _T.DATA, _u64(seq) + _u64(offset) + _u64(length) + _path_out(path)
         case Ack(seq, durable, failed):
             return _T.ACK, _u64(seq) + bytes([int(durable) | int(failed) << 1])
@@ -650,21 +748,40 @@ def _payload(ev: Event) -> tuple[_T, bytes]:
             body = b"".join(_encode_entry(e) for e in entries)
             return _T.LIST_REPLY, _u32(req) + bytes([int(done)]) + _u32(len(entries)) + body
         case Checksum(req, path, block_size):
-            if block_size <= 0:
-                raise WireError("block size must be positive")
+            _block_size(block_size)
             return _T.CHECKSUM, _u32(req) + _u64(block_size) + _path_out(path)
         case ChecksumReply(req, found, size, digests):
             if any(len(d) != 32 for d in digests):
                 raise WireError("digests must be 32 bytes")
+            _digests(size, len(digests))
             head = _u32(req) + bytes([int(found)]) + _u64(size) + _u32(len(digests))
             return _T.CHECKSUM_REPLY, head + b"".join(digests)
         case Read(req, path, offset, length):
-            if length > MAX_DATA:
-                raise WireError(f"READ of {length} bytes exceeds the limit of {MAX_DATA}")
+            _data_range(offset, length, "READ")
             return _T.READ, _u32(req) + _u64(offset) + _u64(length) + _path_out(path)
         case Bye():
             return _T.BYE, b""
     raise WireError(f"cannot send {ev!r}")
+
+
+def _data_range(offset: int, length: int, what: str) -> None:
+    if length > MAX_DATA:
+        raise WireError(f"{what} of {length} bytes exceeds the limit of {MAX_DATA}")
+    _range(offset, length, what)
+
+
+def _block_size(bs: int) -> None:
+    # No minimum beyond 1: ``fusefs verify`` asks for one digest of a whole file, with the file's
+    # size as the block size.  The cost is bounded by MAX_CHECKSUM_BLOCKS, which the server
+    # checks against the file's size before computing anything.
+    if not 1 <= bs <= MAX_OFFSET:
+        raise WireError(f"checksum block size {bs} out of range")
+
+
+def _digests(size: int, n: int) -> None:
+    _range(size, 0, "CHECKSUM_REPLY size")
+    if n > MAX_CHECKSUM_BLOCKS:
+        raise WireError(f"CHECKSUM_REPLY of {n} digests exceeds {MAX_CHECKSUM_BLOCKS}")
 
 
 def _check_mac(mac: bytes) -> bytes:
@@ -690,8 +807,7 @@ def _parse(t: int, payload: bytes) -> Event:
         ev = Op(r.u64(), _read_change(r))
     elif t == _T.DATA:
         seq, off, length = r.u64(), r.u64(), r.u64()
-        if length > MAX_DATA:
-            raise WireError(f"DATA of {length} bytes exceeds the limit of {MAX_DATA}")
+        _data_range(off, length, "DATA")
         ev = Data(seq, r.path(), off, length)
     elif t == _T.ACK:
         seq, flags = r.u64(), r.u8()
@@ -714,20 +830,19 @@ def _parse(t: int, payload: bytes) -> Event:
         ev = ListReply(req, tuple(_read_entry(r) for _ in range(n)), bool(done))
     elif t == _T.CHECKSUM:
         req, bs = r.u32(), r.u64()
-        if bs == 0:
-            raise WireError("block size must be positive")
+        _block_size(bs)
         ev = Checksum(req, r.path(), bs)
     elif t == _T.CHECKSUM_REPLY:
         req, found, size, n = r.u32(), r.u8(), r.u64(), r.u32()
         if found > 1:
             raise WireError("bad CHECKSUM_REPLY flag")
+        _digests(size, n)
         if n * 32 > len(payload):
             raise WireError("CHECKSUM_REPLY claims more digests than it holds")
         ev = ChecksumReply(req, bool(found), size, tuple(r.take(32) for _ in range(n)))
     elif t == _T.READ:
         req, off, length = r.u32(), r.u64(), r.u64()
-        if length > MAX_DATA:
-            raise WireError(f"READ of {length} bytes exceeds the limit of {MAX_DATA}")
+        _data_range(off, length, "READ")
         ev = Read(req, r.path(), off, length)
     elif t == _T.BYE:
         ev = Bye()

@@ -7,6 +7,12 @@ a directory position makes the operation fail (ENOTDIR/ELOOP) instead of being f
 last component is always acted on without following it (``*at`` calls with
 ``AT_SYMLINK_NOFOLLOW``, ``O_NOFOLLOW``).  Nothing is ever created outside the root.
 
+A ``fusefs serve`` that is not root owns every file it creates, and must still be able to
+update one whose mode denies its owner access (``cp -a`` of a 0444 file, git objects):
+:meth:`ReplicaDir._open_regular` then adds the owner bits it needs for the open and puts the
+mode back at once (permissions are checked at open only).  The same holds for extended
+attributes and for an existing file that a replayed Create opens again.
+
 Replay is tolerant: the client may resend changes the replica already has (after a reconnect,
 or after a tree repair that already brought the replica up to date), so "already done" outcomes
 (unlinking a missing name, renaming a name that was already renamed, creating an existing
@@ -20,7 +26,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from fusefs import _libc as _sys
 from fusefs.mirror.changes import (
@@ -41,7 +47,7 @@ from fusefs.mirror.changes import (
     Write,
 )
 from fusefs.replica.tree import checksum_fd, walk
-from fusefs.replica.wire import Entry
+from fusefs.replica.wire import MAX_CHECKSUM_BLOCKS, Entry
 
 __all__ = ["ReplicaDir", "UnsafePathError", "split_path"]
 
@@ -50,6 +56,12 @@ log = logging.getLogger(__name__)
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _AT_REMOVEDIR = 0x200
+#: Owner permission bits an open with these access flags needs.
+_NEEDS = {
+    os.O_RDONLY: stat.S_IRUSR,
+    os.O_WRONLY: stat.S_IWUSR,
+    os.O_RDWR: stat.S_IRUSR | stat.S_IWUSR,
+}
 
 
 class UnsafePathError(Exception):
@@ -76,6 +88,7 @@ class ReplicaDir:
         self.root = os.fspath(root)
         self.root_fd = os.open(self.root, _DIR & ~os.O_NOFOLLOW)
         self._chown = os.geteuid() == 0
+        self._euid = os.geteuid()
 
     def close(self) -> None:
         if self.root_fd >= 0:
@@ -136,18 +149,77 @@ class ReplicaDir:
             )
 
     def _open_regular(self, dfd: int, name: bytes, flags: int) -> int:
-        """Open an existing regular file (never a symlink, fifo or device)."""
+        """Open an existing regular file (never a symlink, fifo or device).
+
+        EACCES on a file this process owns (a non-root server, a file whose mode denies its
+        owner) is overcome: see :meth:`_open_as_owner`.
+        """
         st = self._lstat(dfd, name)
         if st is None:
             raise FileNotFoundError(errno.ENOENT, "no such file", name)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", name)
-        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        except PermissionError:
+            if st.st_uid != self._euid or self._chown:
+                raise
+            return self._open_as_owner(dfd, name, flags, st)
         st2 = os.fstat(fd)
         if not stat.S_ISREG(st2.st_mode) or st2.st_ino != st.st_ino:
             os.close(fd)
             raise OSError(errno.EAGAIN, "file replaced while opening", name)
         return fd
+
+    def _open_as_owner(self, dfd: int, name: bytes, flags: int, st: os.stat_result) -> int:
+        """Open a file we own whose mode denies us ``flags``: add the owner bits needed,
+        open, and restore the mode.  Everything goes through one O_PATH fd of the inode
+        checked with fstat, so a name swapped meanwhile is never chmodded nor opened."""
+        need = _NEEDS[flags & os.O_ACCMODE]
+        pfd = os.open(name, _PATH, dir_fd=dfd)
+        try:
+            pst = os.fstat(pfd)
+            mode = stat.S_IMODE(pst.st_mode)
+            if (
+                not stat.S_ISREG(pst.st_mode)
+                or pst.st_ino != st.st_ino
+                or pst.st_uid != self._euid
+                or mode & need == need  # denied for another reason (ACL, LSM): not ours to fix
+            ):
+                raise PermissionError(errno.EACCES, "permission denied", name)
+            proc = f"/proc/self/fd/{pfd}"
+            os.chmod(proc, mode | need)
+            try:
+                # the magic link reopens exactly this inode (O_NOFOLLOW would refuse the link)
+                return os.open(proc, (flags & ~os.O_NOFOLLOW) | os.O_NONBLOCK | os.O_CLOEXEC)
+            finally:
+                os.chmod(proc, mode)
+        finally:
+            os.close(pfd)
+
+    def _as_owner(self, fd: int, op: Callable[[], None]) -> None:
+        """Run ``op`` on the object of the O_PATH ``fd``; if it fails with EACCES and we own a
+        file or directory without S_IWUSR (user xattrs need write permission), run it again
+        with S_IWUSR added, and restore the mode."""
+        try:
+            op()
+            return
+        except PermissionError:
+            st = os.fstat(fd)
+            mode = stat.S_IMODE(st.st_mode)
+            if (
+                self._chown
+                or st.st_uid != self._euid
+                or mode & stat.S_IWUSR
+                or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode))
+            ):
+                raise
+        proc = f"/proc/self/fd/{fd}"
+        os.chmod(proc, mode | stat.S_IWUSR)
+        try:
+            op()
+        finally:
+            os.chmod(proc, mode)
 
     # -- changes ---------------------------------------------------------------------------
 
@@ -255,12 +327,14 @@ class ReplicaDir:
             case SetXattr(path, name, value):
                 with self._object(path) as fd:
                     if fd >= 0:
-                        os.setxattr(f"/proc/self/fd/{fd}", name, value)
+                        proc = f"/proc/self/fd/{fd}"
+                        self._as_owner(fd, lambda: os.setxattr(proc, name, value))
             case RemoveXattr(path, name):
                 with self._object(path) as fd:
                     if fd >= 0:
+                        proc = f"/proc/self/fd/{fd}"
                         try:
-                            os.removexattr(f"/proc/self/fd/{fd}", name)
+                            self._as_owner(fd, lambda: os.removexattr(proc, name))
                         except OSError as e:
                             if e.errno != errno.ENODATA:
                                 raise
@@ -273,6 +347,10 @@ class ReplicaDir:
                 self._remove(d, n)
             try:
                 fd = os.open(n, flags, mode & 0o777, dir_fd=d)
+            except PermissionError:
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    raise
+                return self._open_regular(d, n, os.O_WRONLY)  # a replay; maybe read-only
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
                     continue
@@ -333,12 +411,25 @@ class ReplicaDir:
         return walk(self.root_fd)
 
     def checksum(self, path: bytes, block_size: int) -> tuple[bool, int, tuple[bytes, ...]]:
-        """(found, size, block digests) of the regular file ``path``."""
+        """(found, size, block digests) of the regular file ``path``.
+
+        A request for more than MAX_CHECKSUM_BLOCKS blocks (block_size 1 of a big file) gets
+        no digests, decided from the size before reading anything: each digest costs memory
+        and the reply must fit a frame.  The client then treats every block as different.
+        """
         fd = self.open_for_read(path)
         if fd is None:
             return False, 0, ()
         try:
+            size = os.fstat(fd).st_size
+            if -(-size // block_size) > MAX_CHECKSUM_BLOCKS:
+                log.warning(
+                    "checksum of %r: %d-byte blocks of %d bytes refused", path, block_size, size
+                )
+                return True, size, ()
             size, digests = checksum_fd(fd, block_size)
+            if len(digests) > MAX_CHECKSUM_BLOCKS:  # it grew meanwhile
+                return True, size, ()
             return True, size, digests
         finally:
             os.close(fd)

@@ -2,12 +2,15 @@
 
 Each connection is one task: handshake (HMAC challenge-response, see docs/protocol.md), then
 OP frames applied in order with :class:`~fusefs.replica.apply.ReplicaDir`, DATA payloads moved
-from the socket into the file with ``splice``, acknowledgements batched when the input is
-drained (at most every ACK_INTERVAL), and ``syncfs`` before any durable acknowledgement.  The
+from the socket into the file with ``splice`` a whole piece (896 KiB) at a time, never a piece
+that was cut short (:class:`~fusefs.replica.transport.PayloadStage`), acknowledgements batched
+when the input is drained (at most every ACK_INTERVAL), and ``syncfs`` before any durable
+acknowledgement.  A change or DATA range that cannot be applied is acknowledged as failed (the
+client then repairs by comparing the trees), never silently dropped.  The
 syncfs runs in a task of its own, so the stream keeps flowing into the page cache meanwhile:
 a SYNC only asks for one, and requests that arrive during a syncfs share the next one.  A
 connection that sends anything malformed, oversized or unsafe is answered with an ERROR frame and
-dropped; the server and its other connections carry on.
+dropped, with one line in the log; the server and its other connections carry on.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import trio
 
 from fusefs.replica import wire as w
 from fusefs.replica.apply import ReplicaDir, UnsafePathError, split_path
-from fusefs.replica.transport import FdTransport, TransportClosed, tune_socket
+from fusefs.replica.transport import FdTransport, PayloadStage, TransportClosed, tune_socket
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "Server", "serve"]
 
@@ -41,6 +44,17 @@ class _Refused(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass
+class _Incoming:
+    """The DATA frame whose payload is being received (its bytes: ``_Handler.stage``)."""
+
+    seq: int
+    path: bytes
+    #: the open file; None: dropped (the file is gone) or failed (``error``)
+    fd: int | None
+    error: str | None = None
 
 
 @dataclass
@@ -93,10 +107,8 @@ class _Handler:
         self.replica: ReplicaDir | None = None
         self.applied = 0  # highest seq applied and not yet acknowledged (0: none)
         self.acked = 0
-        self.data_fd: int | None = None
-        self.data_pos = 0
-        self.data_discard = False
-        self.devnull = -1
+        self.incoming: _Incoming | None = None
+        self.stage = PayloadStage(transport)
         self._last_ack = 0.0
         #: the highest seq a SYNC asked to make durable
         self._sync_wanted = 0
@@ -128,10 +140,9 @@ class _Handler:
             log.warning("%s: dropped after an I/O error: %s", self.peer, e)
             await _send_quietly(self.t, w.encode_frame(w.Error(w.E_INTERNAL, str(e))))
         finally:
-            if self.data_fd is not None and not self.data_discard:
-                os.close(self.data_fd)
-            if self.devnull >= 0:
-                os.close(self.devnull)
+            if self.incoming is not None and self.incoming.fd is not None:
+                os.close(self.incoming.fd)  # a payload cut short: its staged piece is dropped
+            self.stage.close()
             if self.replica is not None:
                 self.replica.close()
             src = self.conn.source
@@ -185,14 +196,8 @@ class _Handler:
         while True:
             ev = self.conn.next_event()
             if isinstance(ev, w._NeedData):
-                if self.conn.payload_left and self.data_fd is not None:
-                    n = await self.t.recv_into_file(
-                        self.data_fd,
-                        -1 if self.data_discard else self.data_pos,
-                        self.conn.payload_left,
-                    )
-                    self.data_pos += n
-                    self.conn.payload_received(n)
+                if self.conn.payload_left:
+                    self.conn.payload_received(await self.stage.receive(self.conn.payload_left))
                     continue
                 if (
                     self.applied > self.acked
@@ -235,8 +240,13 @@ class _Handler:
             await self._ack(seq, durable=True)
 
     def _refuse_path(self, path: bytes) -> NoReturn:
-        log.warning("%s: refused unsafe path %r", self.peer, path)
-        raise _Refused(w.E_BAD_PATH, f"unsafe path {path!r}")
+        raise _Refused(w.E_BAD_PATH, f"unsafe path {path!r}")  # logged once, by run()
+
+    def _data_failed(self, inc: _Incoming, e: OSError) -> None:
+        """``inc`` could not be written (the rest of its payload is dropped): logged once."""
+        self.server.failed += 1
+        inc.error = e.strerror or str(e)
+        log.warning("%s: data %d for %r failed: %s", self.peer, inc.seq, inc.path, inc.error)
 
     async def _dispatch(self, ev: w.Event) -> None:
         replica = self.replica
@@ -247,6 +257,8 @@ class _Handler:
                 replica.apply(ev.change)
             except UnsafePathError:
                 self._refuse_path(_first_path(ev.change))
+            except (ValueError, OverflowError) as e:  # the codec checks ranges; just in case
+                raise _Refused(w.E_PROTOCOL, f"op {ev.seq}: invalid value: {e}") from None
             except OSError as e:
                 self.server.failed += 1
                 log.warning("%s: op %d %r failed: %s", self.peer, ev.seq, ev.change, e)
@@ -256,31 +268,30 @@ class _Handler:
             self.applied = max(self.applied, ev.seq)
         elif isinstance(ev, w.Data):
             self.server.ops += 1
+            new = self.incoming = _Incoming(ev.seq, ev.path, None)
             try:
-                fd = replica.open_for_write(ev.path)
+                # None: the file is gone (a later change removed it); the range is dropped
+                new.fd = replica.open_for_write(ev.path)
             except UnsafePathError:
                 self._refuse_path(ev.path)
             except OSError as e:
-                log.warning("%s: data %d for %r dropped: %s", self.peer, ev.seq, ev.path, e)
-                fd = None
-            if fd is None:
-                if self.devnull < 0:
-                    self.devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-                fd, self.data_discard = self.devnull, True
-            else:
-                self.data_discard = False
-            self.data_fd, self.data_pos = fd, ev.offset
+                self._data_failed(new, e)
+            self.stage.start(new.fd, ev.offset)
         elif isinstance(ev, w.DataChunk):
-            assert self.data_fd is not None
-            if self.data_discard:
-                pass
-            else:
-                _pwrite_all(self.data_fd, ev.data, self.data_pos)
-            self.data_pos += len(ev.data)
+            self.stage.add(ev.data)
         elif isinstance(ev, w.DataEnd):
-            if self.data_fd is not None and not self.data_discard:
-                os.close(self.data_fd)
-            self.data_fd = None
+            done = self.incoming
+            assert done is not None
+            error = self.stage.finish()
+            self.incoming = None
+            if done.fd is not None:
+                os.close(done.fd)
+            if error is not None and done.error is None:
+                self._data_failed(done, error)
+            if done.error is not None:
+                if self.applied > self.acked:
+                    await self._ack(self.applied)
+                await self._ack(ev.seq, failed=True)
             self.applied = max(self.applied, ev.seq)
         elif isinstance(ev, w.Sync):
             # everything before this frame is applied; the next syncfs makes it durable
@@ -296,8 +307,8 @@ class _Handler:
                 )
             except UnsafePathError:
                 self._refuse_path(ev.path)
-            if len(digests) * 32 > w.MAX_FRAME - 64:
-                found, size, digests = False, 0, ()
+            if len(digests) > w.MAX_CHECKSUM_BLOCKS:  # ReplicaDir.checksum never gives more
+                digests = ()
             await self._send(w.ChecksumReply(ev.req, found, size, digests))
         elif isinstance(ev, w.Read):
             await self._read(ev)
@@ -359,14 +370,6 @@ def _first_path(change: Any) -> bytes:
     return path if isinstance(path, bytes) else b"?"
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
 async def serve(
     replica_dir: str,
     key: bytes,
@@ -387,6 +390,8 @@ async def serve(
         task_status.started(0)
         try:
             await srv.handle(transport, "stdio")
+        except Exception:  # a bug: logged like over TCP (one() below), not a crash
+            log.exception("stdio: unexpected error")
         finally:
             transport.close()
         return

@@ -180,9 +180,7 @@ def test_everything_through_the_mount_reaches_the_replica(
     r = run_cli("restore", str(out), "--target", f"127.0.0.1:{serve.port}",
                 "--key-file", str(serve.key_file))  # fmt: skip
     assert r.returncode == 0, r.stderr
-    # (restore makes every name its own file: hard links are compared, and fail, in
-    # tests/test_replica_scenarios.py::test_restore_keeps_hard_links)
-    a, b = snapshot(out, links=False), snapshot(replica, links=False)
+    a, b = snapshot(out), snapshot(replica)
     assert a == b, diff_snapshots(a, b)
 
 

@@ -33,7 +33,6 @@ from tests.reliability_ops import (
 from tests.test_replica_helpers import (
     CONVERGE,
     KEY,
-    LinksDiffer,
     Mounted,
     Serve,
     assert_replication_clean,
@@ -366,7 +365,8 @@ def test_two_targets_both_equal_backing(env: Env) -> None:
 
 def test_restore_keeps_hard_links(env: Env) -> None:
     """``fusefs restore`` of a replica that holds hard links: the restored tree has the same
-    contents (asserted; must pass) and the same hard links (a known bug: xfail below)."""
+    contents and the same hard links (the listing names each inode's first name as the
+    others' ``link``)."""
     serve = env.serve()
     m = Mounted(env.tmp, env.backing, serve)
     try:
@@ -379,22 +379,14 @@ def test_restore_keeps_hard_links(env: Env) -> None:
     out = env.tmp / "restored"
     r = run_cli("restore", str(out), "--target", serve.address, "--key-file", str(env.key_file))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert_same_tree(serve.replica, out)  # LinksDiffer: see the xfail
+    assert_same_tree(serve.replica, out)
 
-
-test_restore_keeps_hard_links = pytest.mark.xfail(
-    strict=True,
-    raises=LinksDiffer,
-    reason="restore creates every regular file it lists as a file of its own "
-    "(fusefs/replica/cli.py _restore: Create per entry; the listing's wire Entry carries no "
-    "inode or link count): the restored tree has f and g as two files",
-)(test_restore_keeps_hard_links)
 
 
 def test_repair_keeps_hard_links(env: Env) -> None:
     """A replica rebuilt by the tree comparison at start (a new, empty replica directory for
-    a BACKING that holds hard links made through an earlier mount): the contents converge
-    (asserted; must pass), the hard links should too (a known bug: xfail below)."""
+    a BACKING that holds hard links made through an earlier mount): contents and hard links
+    converge (the repair links further names of an inode instead of copying them)."""
     serve = env.serve()
     m = Mounted(env.tmp, env.backing, serve)
     try:
@@ -411,20 +403,12 @@ def test_repair_keeps_hard_links(env: Env) -> None:
     serve.start()
     m = Mounted(env.tmp, env.backing, serve)
     try:
-        converge(env.backing, serve.replica, m, links=False)
+        converge(env.backing, serve.replica, m)
         assert_replication_clean(m)
-        assert_same_tree(env.backing, serve.replica)  # LinksDiffer: see the xfail
+        assert_same_tree(env.backing, serve.replica)
     finally:
         m.close()
 
-
-test_repair_keeps_hard_links = pytest.mark.xfail(
-    strict=True,
-    raises=LinksDiffer,
-    reason="the repair by comparison creates each missing regular file on its own "
-    "(fusefs/replica/client.py ReplicationSink._create: Create + data per path, never Link; "
-    "tree.entry_of/wire Entry carry no inode or link count): d/f and g become two files",
-)(test_repair_keeps_hard_links)
 
 
 class ReplicaDiverged(AssertionError):

@@ -163,9 +163,23 @@ async def test_initial_sync_repairs_divergence(env: Env) -> None:
     os.symlink("nowhere", b / "link")
     os.mkfifo(b / "fifo")
     os.setxattr(b / "a", "user.x", b"1")
+    # hard links: linked in BACKING but two files in the replica, and the other way round
+    for root, linked in ((b, True), (r, False)):
+        (root / "l1").write_bytes(b"L" * 100)
+        (root / "s1").write_bytes(b"S" * 100)
+        if linked:
+            os.link(root / "l1", root / "l2")
+            (root / "s2").write_bytes(b"S" * 100)
+        else:
+            (root / "l2").write_bytes(b"L" * 100)
+            os.link(root / "s1", root / "s2")
+        for name in ("l1", "l2", "s1", "s2"):
+            os.utime(root / name, ns=(10**18, 10**18))
     sink = env.sink()
     await env.converged(sink)
     assert sink.repairs == 1
+    assert os.stat(r / "l1").st_ino == os.stat(r / "l2").st_ino
+    assert os.stat(r / "s1").st_ino != os.stat(r / "s2").st_ino
 
 
 async def test_target_unreachable_then_appears(env: Env) -> None:

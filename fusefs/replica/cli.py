@@ -682,11 +682,15 @@ async def _restore(dest: str, factory: TargetFactory, progress: Progress, source
                     "nothing to restore (pass the mount's --source; 'fusefs status "
                     "MOUNTPOINT' shows it)"
                 )
-            files = [e for e in entries.values() if stat.S_ISREG(e.mode)]
+            files = [e for e in entries.values() if stat.S_ISREG(e.mode) and not e.link]
             progress.phase("restoring", len(files), sum(e.size for e in files))
             for path, e in entries.items():  # parents first
                 perm = stat.S_IMODE(e.mode)
                 if path != b".":
+                    if e.link:  # a hard link to a name restored before it
+                        out.apply(ch.Link(path, e.link))
+                        count += 1
+                        continue
                     if stat.S_ISDIR(e.mode):
                         out.apply(ch.Mkdir(path, perm, e.uid, e.gid))
                     elif stat.S_ISREG(e.mode):

@@ -39,6 +39,7 @@ from fusefs.mirror.changes import (
     Change,
     Create,
     Fallocate,
+    Link,
     Mkdir,
     Mknod,
     RemoveXattr,
@@ -1115,8 +1116,12 @@ class ReplicationSink:
             await target.apply(seq, Rmdir(d.path) if stat.S_ISDIR(r.mode) else Unlink(d.path))
         if s is None:
             return True
-        if d.kind in ("missing", "type"):
+        if d.kind == "link" and r is not None:
+            await target.apply(seq, Unlink(d.path))
+        if d.kind in ("missing", "type", "link"):
             return await self._create(target, seq, s)
+        if d.kind == "content" and s.link:
+            return True  # a hard link: the fix of its first name mends the shared inode
         if d.kind == "content":
             if stat.S_ISREG(s.mode) and r is not None:
                 ok = await self._sync_file(target, seq, s, r)
@@ -1131,6 +1136,10 @@ class ReplicationSink:
     async def _create(self, target: Target, seq: int, s: w.Entry) -> bool:
         perm = stat.S_IMODE(s.mode)
         p = s.path
+        if s.link:
+            # another name of an inode listed (and so fixed) before it: link, do not copy
+            await target.apply(seq, Link(p, s.link))
+            return True
         if stat.S_ISDIR(s.mode):
             await target.apply(seq, Mkdir(p, perm, s.uid, s.gid))
         elif stat.S_ISREG(s.mode):

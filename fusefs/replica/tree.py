@@ -7,6 +7,7 @@ to a directory fd; names are opened with ``O_NOFOLLOW`` one component at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -93,17 +94,21 @@ def walk(root_fd: int, skip: frozenset[bytes] = frozenset()) -> Iterator[Entry]:
     """Every object under ``root_fd`` (which must be readable), parents before children.
 
     The root itself comes first, as ``b"."``.  Names in ``skip`` (top level only) are left
-    out.  Objects that vanish during the walk are skipped.
+    out.  Objects that vanish during the walk are skipped.  Every name of a multiply linked
+    non-directory but the first gets that first name as its ``link``: the order is sorted by
+    name, so two equal trees give equal listings.
     """
     dfd = os.open(".", _DIR_OPEN, dir_fd=root_fd)
     try:
         yield entry_of(b".", os.stat(dfd), dfd, None)
-        yield from _walk_dir(dfd, b"", skip)
+        yield from _walk_dir(dfd, b"", skip, {})
     finally:
         os.close(dfd)
 
 
-def _walk_dir(dfd: int, prefix: bytes, skip: frozenset[bytes]) -> Iterator[Entry]:
+def _walk_dir(
+    dfd: int, prefix: bytes, skip: frozenset[bytes], first: dict[tuple[int, int], bytes]
+) -> Iterator[Entry]:
     try:
         names = sorted(os.fsencode(n) for n in os.listdir(dfd))
     except OSError:
@@ -119,6 +124,12 @@ def _walk_dir(dfd: int, prefix: bytes, skip: frozenset[bytes]) -> Iterator[Entry
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 continue
             raise
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in first:
+                entry = dataclasses.replace(entry, link=first[key])
+            else:
+                first[key] = path
         yield entry
         if stat.S_ISDIR(st.st_mode):
             try:
@@ -126,7 +137,7 @@ def _walk_dir(dfd: int, prefix: bytes, skip: frozenset[bytes]) -> Iterator[Entry
             except OSError:
                 continue
             try:
-                yield from _walk_dir(sub, path + b"/", skip)
+                yield from _walk_dir(sub, path + b"/", skip, first)
             finally:
                 os.close(sub)
 
@@ -165,7 +176,8 @@ class Difference:
 
     path: bytes
     #: "missing" (not in the replica), "extra" (only in the replica), "type", "content"
-    #: (size or mtime of a regular file, or a symlink target / device number), "meta"
+    #: (size or mtime of a regular file, or a symlink target / device number), "link" (a
+    #: hard link on one side, a file of its own or another link on the other), "meta"
     #: (mode, owner or xattrs)
     kind: str
     source: Entry | None
@@ -193,6 +205,9 @@ def differences(
             continue
         if stat.S_IFMT(s.mode) != stat.S_IFMT(r.mode):
             out.append(Difference(p, "type", s, r))
+            continue
+        if s.link != r.link:
+            out.append(Difference(p, "link", s, r))
             continue
         if stat.S_ISREG(s.mode):
             if s.size != r.size or s.mtime_ns != r.mtime_ns:

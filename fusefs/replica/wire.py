@@ -97,7 +97,7 @@ __all__ = [
 
 #: First bytes of every HELLO payload; then the u16 protocol version.
 MAGIC: Final = b"FUSEFSR\x00"
-VERSION: Final = 1
+VERSION: Final = 2
 #: Largest frame payload (type byte excluded) after authentication.
 MAX_FRAME: Final = 1 << 20
 #: Largest frame payload before the peer has authenticated (HELLO, CHALLENGE, AUTH are tiny).
@@ -282,6 +282,9 @@ class Entry:
     target: bytes = b""
     #: extended attributes, sorted by name
     xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    #: another name of the same inode (a hard link): the first one in the listing's order,
+    #: so that both ends name a link group alike; empty for the first name and unlinked files
+    link: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,6 +676,8 @@ def _check_entry(e: Entry) -> None:
         raise WireError(f"entry mode {e.mode:#o} out of range")
     _ids(e.uid, e.gid)
     _range(e.size, 0, "entry size")
+    if b"\x00" in e.link:
+        raise WireError("NUL byte in an entry's link")
 
 
 def _encode_entry(e: Entry) -> bytes:
@@ -690,6 +695,7 @@ def _encode_entry(e: Entry) -> bytes:
     ]
     for name, value in e.xattrs:
         out += [_name_out(name), _blob(_check_out(value, MAX_XATTR_VALUE, "xattr value"), True)]
+    out.append(_blob(_check_out(e.link, MAX_PATH, "link")))
     return b"".join(out)
 
 
@@ -700,7 +706,8 @@ def _read_entry(r: _Reader) -> Entry:
     target = r.blob(MAX_PATH, "symlink target")
     n = r.u16()
     xattrs = tuple((r.name(), r.blob(MAX_XATTR_VALUE, "xattr value", wide=True)) for _ in range(n))
-    e = Entry(path, mode, uid, gid, size, mtime, rdev, target, xattrs)
+    link = r.blob(MAX_PATH, "link")
+    e = Entry(path, mode, uid, gid, size, mtime, rdev, target, xattrs, link)
     _check_entry(e)
     return e
 

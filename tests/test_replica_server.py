@@ -1264,3 +1264,30 @@ def test_stdio_truncated_data_and_bad_values(tmp_path: Path) -> None:
     assert len([line for line in err.splitlines() if "dropped" in line]) == 1, err
     assert [type(e) for e in events] == [w.Error] and events[0].code == w.E_PROTOCOL, events
     assert (replica / "f").read_bytes() == old
+
+
+async def test_a_second_source_may_read_but_not_change_a_shared_replica(env: Env) -> None:
+    """Without --subtree-per-source two sources would delete each other's files at every
+    start's comparison: the first to change the tree keeps it; another source is refused at
+    its first change, with a message naming the owner, and the replica keeps its files.
+    Reading (verify, restore) stays open to any source."""
+    a = env.sink()  # source b"src"
+    (env.backing / "f").write_text("from a")
+    await do(a, ch.Create(b"f", 0o644, 0, 0))
+    await do(a, ch.Write(b"f", 0, 6))
+    await env.converged(a)
+    other = env.tmp / "other"
+    other.mkdir()
+    b = ReplicationSink(
+        other,
+        env.tmp / "log-other",
+        open_wire_target("127.0.0.1", env.port, KEY, b"intruder"),
+        name="other",
+    )
+    b.start()
+    env.sinks.append(b)
+    await wait_until(lambda: b.last_error is not None, what="the refusal")
+    assert "holds the replica of source 'src'" in (b.last_error or "")
+    assert (env.replica / "f").read_text() == "from a"
+    async with open_wire_target("127.0.0.1", env.port, KEY, b"reader")() as t:
+        assert b"f" in await t.list_tree()

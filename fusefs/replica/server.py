@@ -68,6 +68,8 @@ class Server:
     active: int = 0
     #: source name -> cancel scope of the connection currently serving it
     by_source: dict[bytes, trio.CancelScope] = field(default_factory=dict)
+    #: without subtree_per_source: the source that first claimed REPLICA_DIR since start
+    owner: bytes | None = None
     #: counters, for tests and logs
     connections: int = 0
     refused: int = 0
@@ -113,6 +115,8 @@ class _Handler:
         #: the highest seq a SYNC asked to make durable
         self._sync_wanted = 0
         self._sync_wake = trio.Event()
+        #: this connection may change the tree (see _claim_tree)
+        self._may_write = False
 
     async def run(self) -> None:
         try:
@@ -191,6 +195,26 @@ class _Handler:
         self.replica = ReplicaDir(root, create=self.server.subtree_per_source)
         log.info("%s: source %r authenticated; replicating into %s", self.peer, source, root)
 
+    def _claim_tree(self) -> None:
+        """Before the first change a connection applies to a shared REPLICA_DIR (no
+        ``--subtree-per-source``): two sources in one tree would delete each other's files at
+        every start's comparison, so the first source to change it keeps it for this server's
+        lifetime.  Reading (verify, restore) is open to any authenticated source."""
+        self._may_write = True
+        if self.server.subtree_per_source:
+            return
+        source, owner = self.conn.source, self.server.owner
+        if owner is None:
+            self.server.owner = source
+        elif owner != source:
+            o = os.fsdecode(owner)
+            raise _Refused(
+                w.E_BUSY,
+                f"{self.server.replica_dir} holds the replica of source {o!r}, not "
+                f"{os.fsdecode(source)!r}: connect as --source {o}, or serve each source "
+                "into a directory of its own (fusefs serve --subtree-per-source)",
+            )
+
     async def _loop(self) -> None:
         assert self.replica is not None
         while True:
@@ -251,6 +275,8 @@ class _Handler:
     async def _dispatch(self, ev: w.Event) -> None:
         replica = self.replica
         assert replica is not None
+        if isinstance(ev, w.Op | w.Data) and not self._may_write:
+            self._claim_tree()
         if isinstance(ev, w.Op):
             self.server.ops += 1
             try:

@@ -159,17 +159,11 @@ class WireTarget(Target):
             raise self.error
         try:
             async with self.t.send_lock:
-                # one frame per piece the server writes all-or-nothing: a connection cut
-                # mid-frame then leaves no partly written piece behind (docs/protocol.md)
-                end = offset + length
-                while offset < end:
-                    n = min(w.DATA_PIECE, end - offset)
-                    await self.t.send_all(self.conn.send(w.Data(seq, path, offset, n)))
-                    sent = await self.t.send_file(fd, offset, n)
-                    if sent < n:  # the file shrank since: pad as announced
-                        await self.t.send_all(bytes(n - sent))
-                    self.conn.payload_sent(n)
-                    offset += n
+                await self.t.send_all(self.conn.send(w.Data(seq, path, offset, length)))
+                sent = await self.t.send_file(fd, offset, length)
+                if sent < length:  # the file shrank since: pad as announced
+                    await self.t.send_all(bytes(length - sent))
+                self.conn.payload_sent(length)
         except TransportClosed as e:
             raise TargetError(f"{self.name}: {e}") from None
 

@@ -49,7 +49,6 @@ from fusefs.mirror.changes import (
 )
 
 __all__ = [
-    "DATA_PIECE",
     "E_AUTH",
     "E_BAD_PATH",
     "E_BUSY",
@@ -110,9 +109,6 @@ MAX_NAME: Final = 255
 MAX_XATTR_VALUE: Final = 65536
 #: Largest raw payload of one DATA frame.
 MAX_DATA: Final = 64 << 20
-#: The client's DATA frames carry at most this much: a server stages payloads in pieces of
-#: at least this size (7/8 of a 1 MiB pipe) and writes each whole or not at all.
-DATA_PIECE: Final = 896 << 10
 #: Largest source name carried by HELLO.
 MAX_SOURCE: Final = 64
 #: Largest file offset, size, or end of a range (``off_t``; Linux's MAX_LFS_FILESIZE).

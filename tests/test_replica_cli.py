@@ -22,8 +22,15 @@ import pytest
 
 from fusefs.replica import progress as pg
 from fusefs.replica.cli import default_source_name
-from tests.mounting import fusefs_env, is_mounted
-from tests.test_replica_helpers import KEY, diff_snapshots, same_tree, snapshot, wait_until_sync
+from tests.mounting import fusefs_env
+from tests.test_replica_helpers import (
+    KEY,
+    MountProcess,
+    diff_snapshots,
+    same_tree,
+    snapshot,
+    wait_until_sync,
+)
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
@@ -296,7 +303,7 @@ def test_source_errors_are_one_line(tmp_path: Path, serve: Serve) -> None:
 # -- two mounts on one host, one server ----------------------------------------------------------
 
 
-class Mount:
+class Mount(MountProcess):
     """``fusefs mount -f BACKING MNT --target ...`` with the default source name."""
 
     def __init__(self, tmp: Path, name: str, serve: Serve) -> None:
@@ -309,24 +316,7 @@ class Mount:
             "mount", "-f", str(self.backing), str(self.mountpoint), *serve.args(),
             "--replica-log-dir", str(tmp / f"replog-{name}"),
         )  # fmt: skip
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=fusefs_env())
-        deadline = time.monotonic() + 15
-        while not is_mounted(self.mountpoint):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise AssertionError("mount failed:\n" + self.log.read_text())
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False)
-            self.proc.kill()
-            self.proc.wait()
+        self._start(cmd, fusefs_env())
 
 
 @needs_fuse

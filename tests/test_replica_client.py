@@ -170,6 +170,17 @@ async def _initial_sync_done(sink: ReplicationSink) -> None:
     await wait_until(lambda: sink.connected and sink.caught_up, 15, "the initial sync")
 
 
+async def _writes_a_stalled_target_waits_for(
+    sink: ReplicationSink, controls: Controls, mib: int
+) -> list[ch.Change]:
+    """After the initial sync: a file of ``mib`` MiB in BACKING, the target no longer making
+    anything durable, and the 1 MiB Writes of that file (not yet recorded)."""
+    await _initial_sync_done(sink)
+    (Path(sink.backing) / "f").write_bytes(os.urandom(mib << 20))
+    controls.durable = False
+    return [ch.Write(b"f", off, 1 << 20) for off in range(0, mib << 20, 1 << 20)]
+
+
 async def test_a_lagging_target_holds_the_writer_back(tmp_path: Path) -> None:
     """Async mode bounds the lag: once more than max_lag_bytes of writes are not durable on a
     connected target, record() blocks until it catches up (fails without: the writer ran
@@ -178,12 +189,8 @@ async def test_a_lagging_target_holds_the_writer_back(tmp_path: Path) -> None:
     sink = await _sink(tmp_path, controls, "async", max_lag_bytes=2 << 20)
     b = tmp_path / "backing"
     try:
-        await _initial_sync_done(sink)
-        (b / "f").write_bytes(os.urandom(8 << 20))
-        controls.durable = False
-        writes = [ch.Create(b"f", 0o644, 0, 0)]
-        writes += [ch.Write(b"f", off, 1 << 20) for off in range(0, 8 << 20, 1 << 20)]
-        t = _record_in_a_thread(sink, writes)
+        writes = await _writes_a_stalled_target_waits_for(sink, controls, 8)
+        t = _record_in_a_thread(sink, [ch.Create(b"f", 0o644, 0, 0), *writes])
         await trio.sleep(1.0)
         assert t.is_alive(), "the writer was not held back"
         assert sink.status()["bytes_pending"] <= 3 << 20
@@ -206,12 +213,8 @@ async def test_a_stuck_target_does_not_hang_the_writer(
     monkeypatch.setattr(client, "LAG_STALL", 0.5)
     controls = Controls()
     sink = await _sink(tmp_path, controls, "async", max_lag_bytes=1 << 20)
-    b = tmp_path / "backing"
     try:
-        await _initial_sync_done(sink)
-        (b / "f").write_bytes(os.urandom(4 << 20))
-        controls.durable = False
-        writes = [ch.Write(b"f", off, 1 << 20) for off in range(0, 4 << 20, 1 << 20)]
+        writes = await _writes_a_stalled_target_waits_for(sink, controls, 4)
         started = time.monotonic()
         t = _record_in_a_thread(sink, writes)
         await trio.to_thread.run_sync(t.join, 10)

@@ -393,7 +393,7 @@ def test_max_lag_and_sync_timeout_parse_and_bad_values_are_refused(tmp_path: Pat
         assert sink is not None and sink.status()["max_lag_bytes"] == 3 << 20  # type: ignore[attr-defined]
     finally:
         close_sink(sink, str(tmp_path / "m"))
-    for bad in ("12Q", "-1M", ""):
+    for bad in ("12Q", "-1M", "", "inf", "1e400"):
         with pytest.raises(SystemExit):
             parser.parse_args([*base, "--max-lag", bad])
     assert parser.parse_args([*base, "--sync-timeout", "2.5"]).sync_timeout == 2.5

@@ -197,7 +197,7 @@ async def test_a_lagging_target_holds_the_writer_back(tmp_path: Path) -> None:
         controls.durable = True
         await trio.to_thread.run_sync(t.join, 15)
         assert not t.is_alive()
-        assert sink.held_back_seconds >= 0.9
+        assert sink.held_back_seconds > 0.5  # held from early in the 1 s above
         await wait_until(lambda: sink.caught_up, 15, "catching up")
         assert (tmp_path / "replica/f").read_bytes() == (b / "f").read_bytes()
     finally:

@@ -4,6 +4,7 @@ reconnection, the durable log, and a hostile peer."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pwd
@@ -796,6 +797,8 @@ async def test_stage_keeps_order_through_fragmented_input(
     from fusefs.replica import transport as tr
 
     monkeypatch.setattr(tr, "PIECE", 16384)  # pipes of 8 slots: 28 KiB pieces
+    # a fresh cache of its own (the module's keeps the real size for the other tests)
+    monkeypatch.setattr(tr, "piece_size", functools.cache(tr.piece_size.__wrapped__))
     spills: list[int] = []
     real_spill = tr.PayloadStage._spill
     monkeypatch.setattr(

@@ -105,7 +105,7 @@ def _size(text: str) -> int:
         t = t[:-1]
     try:
         n = int(float(t) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G, 0)") from None
     if n < 0:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G, 0)")

@@ -472,9 +472,14 @@ class ReplicationSink:
         self._spill_from: int | None = self.log.more_from
         #: data was sent re-read by path (no fd held): compare the trees once caught up
         self._imprecise = False
+        #: paths (and everything under them) the next repair compares by checksum even when
+        #: size and mtime agree: the names replayed renames touched
+        self._recheck: set[bytes] = set()
         now = time.time()
         for r in self.log.pending:
             self._queue(r.seq, r.change, now, None)
+            if isinstance(r.change, Rename):
+                self._recheck.update((r.change.old, r.change.new))
         self.log.pending = []
         self._inflight: collections.deque[_Entry] = collections.deque()
         self._sources: dict[bytes, _Source] = {}
@@ -494,16 +499,26 @@ class ReplicationSink:
         #: reach the first (a failed change is not on the replica until a repair puts it there)
         self._failed_seq = 0
         self._repaired_seq = 0
+        #: until the start's comparison is through, the replica may lack files that a DATA
+        #: needs (the server drops data for a missing file): sync barriers wait for it
+        self._compared = not repair_at_start
         #: repair at the next idle moment, without waiting out REPAIR_INTERVAL
         self._repair_now = False
-        #: paths (and everything under them) the next repair compares by checksum even when
-        #: size and mtime agree: the names replayed renames touched
-        self._recheck: set[bytes] = set()
+        #: changes were replayed and the repair that follows has not started yet: renames
+        #: sent meanwhile may move replayed content too, so they join ``_recheck``
+        self._replayed = repair_at_start
+        #: sync barriers waiting right now (a failed repair is retried soon only for them)
+        self._barrier_waiters = 0
+        #: after (re)connecting, until the backlog is down to the lag bound's low mark: the
+        #: lag bound holds nothing back while a backlog from an outage drains
+        self._catching_up = True
         #: a comparison is under way
         self.repairing = False
         self._durable_acks = trio.Event()
         self._last_repair = -math.inf
         self.repairs = 0
+        #: what the last completed repair found different (0: the replica was equal)
+        self.last_repair_differences: int | None = None
         self.connected = False
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -607,7 +622,10 @@ class ReplicationSink:
         if (
             self.max_lag_bytes
             and self._bytes_pending > self.max_lag_bytes
+            and self.mode == "async"
             and self.connected
+            and not self._catching_up
+            and not self.repairing
             and not self._stalled
         ):
             self._hold_back()
@@ -678,12 +696,17 @@ class ReplicationSink:
         if self._holds(seq):
             return
         self._barrier_seq = max(self._barrier_seq, seq)
-        if self._failed_seq > self._repaired_seq:
+        if self._failed_seq > self._repaired_seq or not self._compared:
             self._repair_now = True
         self._wake()
-        if await trio.to_thread.run_sync(
-            self._wait_durable, seq, self.sync_timeout, abandon_on_cancel=True
-        ):
+        self._barrier_waiters += 1
+        try:
+            held = await trio.to_thread.run_sync(
+                self._wait_durable, seq, self.sync_timeout, abandon_on_cancel=True
+            )
+        finally:
+            self._barrier_waiters -= 1
+        if held:
             return
         if self._closed:
             return
@@ -697,7 +720,9 @@ class ReplicationSink:
 
     def _holds(self, seq: int) -> bool:
         """The target holds every change up to ``seq`` durably, failed ones repaired."""
-        return self.durable_seq >= seq and self._failed_seq <= self._repaired_seq
+        return (
+            self.durable_seq >= seq and self._failed_seq <= self._repaired_seq and self._compared
+        )
 
     def _wait_durable(self, seq: int, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -856,11 +881,12 @@ class ReplicationSink:
                 # until then count them as failed (a sync barrier waits for that repair).
                 # Files that swapped names often look alike (same size and mtime after cp -a
                 # or tar), so the comparison checksums every file a replayed rename touched.
-                self.needs_repair = self._repair_now = True
+                self.needs_repair = self._repair_now = self._replayed = True
                 self._failed_seq = max(self._failed_seq, self._inflight[-1].seq)
                 for e in self._inflight:
                     if isinstance(e.change, Rename):
                         self._recheck.update((e.change.old, e.change.new))
+            self._catching_up = self._bytes_pending > self.max_lag_bytes * 3 // 4
             self._unsent_bytes += sum(e.nbytes for e in self._inflight)
             self._unsent.extendleft(reversed(self._inflight))
             self._inflight.clear()
@@ -878,7 +904,7 @@ class ReplicationSink:
                 self.needs_repair = True
                 with self._cond:
                     self._failed_seq = max(self._failed_seq, ack.seq)
-                    if self._barrier_seq > self._repaired_seq:
+                    if self._barrier_waiters:
                         self._repair_now = True  # an fsync waits for it
                 continue
             self.applied_seq = max(self.applied_seq, ack.seq)
@@ -895,6 +921,8 @@ class ReplicationSink:
             self._note_error(f"cannot trim the log: {e.strerror}")
         self._stalled = False
         with self._cond:
+            if self._catching_up and self._bytes_pending <= self.max_lag_bytes * 3 // 4:
+                self._catching_up = False
             while self._inflight and self._inflight[0].seq <= seq:
                 done = self._inflight.popleft()
                 self._bytes_pending -= done.nbytes
@@ -1025,6 +1053,8 @@ class ReplicationSink:
         """Send one logged change; returns the data bytes sent."""
         c = e.change
         if not isinstance(c, _DATA_CHANGES):
+            if self._replayed and isinstance(c, Rename):
+                self._recheck.update((c.old, c.new))
             await target.apply(e.seq, c)
             return 0
         if e.src is None:
@@ -1077,25 +1107,38 @@ class ReplicationSink:
         covers = self.log.last_seq
         failed_before = self.failed_changes
         recheck, self._recheck = self._recheck, set()
-        theirs = await target.list_tree()
-        ours = await trio.to_thread.run_sync(self._list_backing)
-        diffs = differences(ours, theirs, owners=self._is_root)
-        if recheck:
-            diffs += _rechecks(ours, theirs, recheck, {d.path for d in diffs})
-        seq = self.sent_seq
-        fixed = 0
-        for d in diffs:
-            if await self._fix(target, seq, d):
-                fixed += 1
-        self._durable_acks = trio.Event()
-        await self._request_sync(target)
-        await self._durable_acks.wait()  # the replica holds the repair
+        self._replayed = False
+        try:
+            # A durable ack still owed for an earlier SYNC would look like the repair's own
+            # (its SYNC carries the same seq): take them all first.
+            while self.durable_seq < self._sync_requested:
+                self._durable_acks = trio.Event()
+                await self._durable_acks.wait()
+            theirs = await target.list_tree()
+            ours = await trio.to_thread.run_sync(self._list_backing)
+            diffs = differences(ours, theirs, owners=self._is_root)
+            if recheck:
+                diffs += _rechecks(ours, theirs, recheck, {d.path for d in diffs})
+            seq = self.sent_seq
+            fixed = 0
+            for d in diffs:
+                if await self._fix(target, seq, d):
+                    fixed += 1
+            self._durable_acks = trio.Event()
+            await self._request_sync(target)
+            await self._durable_acks.wait()  # the replica holds the repair
+        except BaseException:
+            self._recheck |= recheck  # interrupted: the next repair checks them still
+            self._repair_now = True
+            raise
         self.repairing = False
+        self.last_repair_differences = len(diffs)
         if fixed == len(diffs) and self.failed_changes == failed_before:
             with self._cond:
                 self._repaired_seq = max(self._repaired_seq, covers)
+                self._compared = True
                 self._cond.notify_all()
-        elif self._barrier_seq > self._repaired_seq:
+        elif self._barrier_waiters:
             self._repair_now = True  # an fsync still waits: try again soon
         self._write_status()  # say so at once (fusefs status, tools/bench wait for it)
         log.info(
@@ -1106,6 +1149,17 @@ class ReplicationSink:
             fixed,
             time.monotonic() - started,
         )
+
+    def _vanished(self, path: bytes) -> bool:
+        """``path`` is gone from BACKING since the listing: nothing to fix (its removal,
+        if made through the mount, is a later change in the log)."""
+        try:
+            os.stat(path, dir_fd=self._backing_fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            pass
+        return False
 
     def _list_backing(self) -> dict[bytes, w.Entry]:
         return {e.path: e for e in walk(self._backing_fd)}
@@ -1145,7 +1199,7 @@ class ReplicationSink:
         elif stat.S_ISREG(s.mode):
             fd = self._open_backing(p)
             if fd is None:
-                return False
+                return self._vanished(p)
             try:
                 await target.apply(seq, Create(p, perm, s.uid, s.gid))
                 await target.apply(seq, Truncate(p, 0))
@@ -1175,7 +1229,7 @@ class ReplicationSink:
     async def _sync_file(self, target: Target, seq: int, s: w.Entry, r: w.Entry) -> bool:
         fd = self._open_backing(s.path)
         if fd is None:
-            return False
+            return self._vanished(s.path)
         try:
             size = os.fstat(fd).st_size
             bs = block_size_for(max(size, r.size))
@@ -1242,6 +1296,7 @@ class ReplicationSink:
             "durable_seq": self.durable_seq,
             "bytes_sent": self.bytes_sent,
             "repairs": self.repairs,
+            "last_repair_differences": self.last_repair_differences,
             "needs_repair": self.needs_repair or self.repairing,
             "failed_changes": self.failed_changes,
             "max_lag_bytes": self.max_lag_bytes,

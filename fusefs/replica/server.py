@@ -186,12 +186,7 @@ class _Handler:
             if len(parts) != 1:
                 raise _Refused(w.E_BAD_PATH, f"unusable source name {source!r}")
             root = os.path.join(root, os.fsdecode(parts[0]))
-        old = self.server.by_source.get(source)
-        if old is not None:
-            log.info("%s: source %r reconnected; dropping its old connection", self.peer, source)
-            old.cancel()
         self._scope = scope
-        self.server.by_source[source] = scope
         self.replica = ReplicaDir(root, create=self.server.subtree_per_source)
         log.info("%s: source %r authenticated; replicating into %s", self.peer, source, root)
 
@@ -201,9 +196,18 @@ class _Handler:
         every start's comparison, so the first source to change it keeps it for this server's
         lifetime.  Reading (verify, restore) is open to any authenticated source."""
         self._may_write = True
+        source = self.conn.source
+        # A connection of the same source that is still open is a mount's that reconnected
+        # (the old one is dead or dying): it goes now.  Readers (verify, restore) never get
+        # here, so they do not knock a live mount off.
+        old = self.server.by_source.get(source)
+        if old is not None and old is not self._scope:
+            log.info("%s: source %r reconnected; dropping its old connection", self.peer, source)
+            old.cancel()
+        self.server.by_source[source] = self._scope
         if self.server.subtree_per_source:
             return
-        source, owner = self.conn.source, self.server.owner
+        owner = self.server.owner
         if owner is None:
             self.server.owner = source
         elif owner != source:

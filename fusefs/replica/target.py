@@ -105,9 +105,13 @@ class LocalTarget(Target):
             self._acks_in.send_nowait(Ack(seq))
 
     async def send_range(self, seq: int, path: bytes, fd: int, offset: int, length: int) -> None:
-        out = self.replica.open_for_write(path)
-        if out is None:
-            self._acks_in.send_nowait(Ack(seq, failed=True))  # not a regular file there
+        try:
+            out = self.replica.open_for_write(path)
+        except OSError:  # in the way (a symlink, not a regular file), EACCES: as the server
+            self._acks_in.send_nowait(Ack(seq, failed=True))
+            return
+        if out is None:  # gone: a later change removed it (dropped as done, as the server)
+            self._acks_in.send_nowait(Ack(seq))
             return
         try:
             data = os.pread(fd, length, offset)

@@ -13,6 +13,7 @@ import array
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import socket
 import stat
@@ -279,9 +280,11 @@ def _piece_of(capacity: int) -> int:
     return max(1, min(PIECE, capacity - capacity // 8))
 
 
+@functools.cache
 def piece_size() -> int:
     """The piece size a :class:`PayloadStage` uses here: 896 KiB with 1 MiB pipes (the
-    default fs.pipe-max-size), 1 MiB where pipes may be larger."""
+    default fs.pipe-max-size), 1 MiB where pipes may be larger.  Found once per process (a
+    pipe per connection just to ask would fail first when fds run out)."""
     r, w, capacity = _stage_pipe()
     os.close(r)
     os.close(w)

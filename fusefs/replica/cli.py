@@ -33,6 +33,7 @@ from fusefs.replica.client import (
     DEFAULT_MAX_LAG,
     ReplicationSink,
     describe_error,
+    leaves,
     open_wire_target,
     parse_hostport,
 )
@@ -550,19 +551,12 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
     except FusefsError:
         raise
     except BaseExceptionGroup as e:
-        leaves = _leaves(e)
-        if len(leaves) == 1 and isinstance(leaves[0], FusefsError):
-            raise leaves[0] from None
+        found = leaves(e)
+        if len(found) == 1 and isinstance(found[0], FusefsError):
+            raise found[0] from None
         if e.subgroup(TargetClosed) is not None:
             raise TargetClosed(describe_error(e)) from None
         raise TargetError(describe_error(e)) from None
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
 
 
 async def _verify(backing: str, factory: TargetFactory, progress: Progress) -> list[str]:

@@ -353,15 +353,16 @@ def _single_target_error(group: BaseExceptionGroup[BaseException]) -> BaseExcept
     """The TargetError of a group that holds nothing else (else the group itself)."""
     match, rest = group.split(TargetError)
     if rest is None and match is not None:
-        leaves = list(_leaves(match))
-        if leaves:
-            return leaves[0]
+        found = leaves(match)
+        if found:
+            return found[0]
     return group
 
 
-def _leaves(e: BaseException) -> list[BaseException]:
+def leaves(e: BaseException) -> list[BaseException]:
+    """The exceptions in ``e``, nested groups flattened (``[e]`` for a plain one)."""
     if isinstance(e, BaseExceptionGroup):
-        return [leaf for x in e.exceptions for leaf in _leaves(x)]
+        return [leaf for x in e.exceptions for leaf in leaves(x)]
     return [e]
 
 

@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,7 +442,11 @@ def test_replayed_exchange_of_look_alike_files_converges(env: Env) -> None:
             assert (rep / a).read_bytes() == blob(10 + attempt, 8192)
             inode = os.lstat(rep / a).st_ino
             renameat2(str(mnt / a), str(mnt / b), RENAME_EXCHANGE)
-            wait_until_sync(lambda: os.lstat(rep / a).st_ino != inode, 10, "the exchange")  # noqa: B023
+            # poll tightly: the SYNC follows 20 ms after the queue drained
+            deadline = time.monotonic() + 10
+            while os.lstat(rep / a).st_ino == inode:
+                assert time.monotonic() < deadline, "the exchange never reached the replica"
+                time.sleep(0.0005)
             serve.kill9()
             wait_until_sync(
                 lambda: not replication_status(mnt)[0]["connected"], 10, "the disconnect"

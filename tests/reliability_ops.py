@@ -1047,11 +1047,14 @@ def random_run(
     tag: str | None = None,
     progress: Callable[[int], None] | None = None,
     avoid: frozenset[str] = frozenset(),
+    at_end: Callable[[str], str | None] | None = None,
 ) -> RunResult:
     """``n_ops`` random operations from ``seed`` in fresh subdirectories; stops at a mismatch.
 
     Long runs are many such runs (segments) so that trees stay small and a failure's
-    reproducer starts from an empty tree.
+    reproducer starts from an empty tree.  ``at_end(tag)``, when the run passed, may compare
+    more (a replica of BACKING: ``tools/torture --replicate``) before the trees are removed; a
+    message it returns is the run's mismatch (kind ``replica``).
     """
     tag = tag or f"run-{seed}"
     mount_root = os.path.join(mount_dir, tag)
@@ -1073,6 +1076,10 @@ def random_run(
                 progress(i)
         else:
             mismatch = engine.check(backing=True)
+            if mismatch is None and at_end is not None:
+                message = at_end(tag)
+                if message is not None:
+                    mismatch = Mismatch(len(ops) - 1, "replica", message)
     finally:
         engine.close()
     if mismatch is None:

@@ -29,9 +29,9 @@ CUT = 3 * MiB + 12345
 
 
 class CuttingProxy:
-    """Forwards 127.0.0.1:port to ``upstream``.  The first connection is cut (both sockets
-    shut down and closed) once ``cut_after`` bytes went from the client to the server;
-    later connections are forwarded whole."""
+    """Forwards 127.0.0.1:port to ``upstream``.  The first connection stalls once
+    ``cut_after`` bytes went from the client to the server, and is cut (both sockets shut
+    down and closed) when :attr:`release` is set; later connections are forwarded whole."""
 
     def __init__(self, upstream: tuple[str, int], cut_after: int) -> None:
         self.upstream = upstream
@@ -40,6 +40,8 @@ class CuttingProxy:
         self.port: int = self.listener.getsockname()[1]
         self.connections = 0
         self.cut_at: int | None = None  # client->server bytes forwarded when it cut
+        self.stalled = threading.Event()
+        self.release = threading.Event()
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._socks: list[socket.socket] = []
@@ -77,6 +79,8 @@ class CuttingProxy:
             while True:
                 want = 65536 if limit is None else min(65536, limit - sent)
                 if want == 0:
+                    self.stalled.set()
+                    self.release.wait(120)
                     self.cut_at = sent
                     break
                 data = src.recv(want)
@@ -93,6 +97,7 @@ class CuttingProxy:
 
     def close(self) -> None:
         self._closing = True
+        self.release.set()
         self.listener.close()
         for s in self._socks:
             with contextlib.suppress(OSError):
@@ -129,9 +134,11 @@ def test_network_cut_mid_frame_loses_nothing(
     proxied: tuple[ProxiedServe, CuttingProxy, Path],
 ) -> None:
     """A 48 MiB file and a small tree copied through the mount while the connection to the
-    target breaks 3 MiB into the stream (inside a DATA payload: the handshake and the OP frames
-    before it are a few hundred bytes): the mount reconnects, replays what was not durable,
-    and the replica equals BACKING; no change is reported failed."""
+    target stalls 3 MiB into the stream (inside a DATA payload: the handshake and the OP frames
+    before it are a few hundred bytes) and breaks there once the copy is done: the mount
+    reconnects, replays what was not durable, and the replica equals BACKING; no change is
+    reported failed, and the comparison after the replay finds nothing left to mend (so the
+    replay alone brought the replica up to date: a dropped replay fails here)."""
     serve, proxy, tmp = proxied
     backing = tmp / "backing"
     backing.mkdir()
@@ -143,11 +150,15 @@ def test_network_cut_mid_frame_loses_nothing(
     m = Mounted(tmp, backing, serve)
     try:
         subprocess.run(["cp", "-a", f"{src}/.", str(m.mountpoint)], check=True, timeout=120)
+        assert proxy.stalled.wait(60), "the stream never reached the cut"
+        proxy.release.set()  # BACKING holds still now: the repair after the replay is exact
         converge(backing, serve.replica, m)
         states = settled_status(m, timeout=30)
         assert proxy.cut_at == CUT, "the proxy never cut the connection"
         assert proxy.connections >= 2
         assert states[0]["failed_changes"] == 0, states
+        assert states[0]["repairs"] == 2, states  # the start's, and the one after the replay
+        assert states[0]["last_repair_differences"] == 0, states
         assert_same_tree(backing, src)
         assert_same_tree(backing, serve.replica)
         assert replication_status(m.mountpoint)[0]["connected"]

@@ -11,7 +11,6 @@ import pty
 import re
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,9 @@ from tests.test_replica_helpers import (
     same_tree,
     snapshot,
     wait_until_sync,
+)
+from tests.test_replica_helpers import (
+    Serve as ServeProcess,
 )
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
@@ -123,56 +125,22 @@ def test_default_source_name_is_per_backing_and_fits_the_protocol(
 # -- against a real fusefs serve -----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def fusefs(*args: str) -> list[str]:
     return [sys.executable, "-m", "fusefs", *args]
 
 
-class Serve:
-    """``fusefs serve --subtree-per-source`` in a subprocess, logging to ``log``."""
+class Serve(ServeProcess):
+    """``fusefs serve --subtree-per-source`` of ``tmp/replica``, started."""
 
     def __init__(self, tmp: Path) -> None:
-        self.replica = tmp / "replica"
-        self.key_file = tmp / "key"
-        self.key_file.write_bytes(KEY)
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.log = tmp / "serve.log"
-        cmd = fusefs(
-            "serve", str(self.replica), "--listen", self.target,
-            "--key-file", str(self.key_file), "--subtree-per-source", "-v",
-        )  # fmt: skip
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=fusefs_env())
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise AssertionError("fusefs serve did not start:\n" + self.log.read_text())
-            time.sleep(0.05)
+        key_file = tmp / "key"
+        key_file.write_bytes(KEY)
+        super().__init__(tmp, tmp / "replica", key_file, extra=("--subtree-per-source",))
+        self.target = self.address
+        self.start()
 
     def args(self) -> list[str]:
         return ["--target", self.target, "--key-file", str(self.key_file)]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture

@@ -169,9 +169,17 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 class Serve:
     """A ``fusefs serve REPLICA`` on a free loopback port (``start``, ``kill9``, ``stop``)."""
 
-    def __init__(self, tmp: Path, replica: Path, key_file: Path, name: str = "serve") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        replica: Path,
+        key_file: Path,
+        name: str = "serve",
+        extra: Sequence[str] = (),
+    ) -> None:
         self.replica = replica
         self.key_file = key_file
+        self.extra = tuple(extra)  # more `fusefs serve` arguments
         self.port = free_port()
         self.log = tmp / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -183,17 +191,18 @@ class Serve:
     def start(self) -> None:
         cmd = [
             sys.executable, "-m", "fusefs.replica.cli", "serve", str(self.replica),
-            "--listen", self.address, "--key-file", str(self.key_file), "-v",
+            "--listen", self.address, "--key-file", str(self.key_file), "-v", *self.extra,
         ]  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=fusefs_env())
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return
             except OSError:
                 time.sleep(0.05)
+        self.stop()
         raise AssertionError("fusefs serve did not start:\n" + self.log.read_text())
 
     def kill9(self) -> None:

@@ -131,10 +131,6 @@ def _hostport(text: str) -> tuple[str, int]:
         raise ReplicaUsageError(str(e)) from None
 
 
-#: longest source name the protocol carries (docs/protocol.md)
-MAX_SOURCE = 64
-
-
 def default_source_name(backing: str) -> str:
     """``<host>-<12 hex digits of SHA-256 of realpath(backing)>``: the default ``--source``.
 
@@ -144,7 +140,7 @@ def default_source_name(backing: str) -> str:
     """
     digest = hashlib.sha256(os.fsencode(os.path.realpath(backing))).hexdigest()[:12]
     host = (os.uname().nodename or "fusefs").replace("/", "_")
-    room = MAX_SOURCE - len(digest) - 1
+    room = w.MAX_SOURCE - len(digest) - 1
     host = host.encode()[:room].decode(errors="ignore") or "fusefs"
     return f"{host}-{digest}"
 
@@ -153,10 +149,10 @@ def _source_name(text: str | None, backing: str) -> bytes:
     """``--source`` checked (one path component, at most 64 bytes), or the default for
     ``backing`` (see :func:`default_source_name`)."""
     name = os.fsencode(text if text else default_source_name(backing))
-    if not name or len(name) > MAX_SOURCE or b"/" in name or name in (b".", b".."):
+    if not name or len(name) > w.MAX_SOURCE or b"/" in name or name in (b".", b".."):
         raise ReplicaUsageError(
             f"unusable source name {os.fsdecode(name)!r} "
-            f"(at most {MAX_SOURCE} bytes, no '/', not '.' or '..')"
+            f"(at most {w.MAX_SOURCE} bytes, no '/', not '.' or '..')"
         )
     return name
 

@@ -65,6 +65,7 @@ __all__ = [
     "MAX_PATH",
     "MAX_PREAUTH_FRAME",
     "MAX_RDEV",
+    "MAX_SOURCE",
     "MAX_XATTR_VALUE",
     "NEED_DATA",
     "VERSION",
